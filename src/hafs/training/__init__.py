@@ -1,0 +1,1 @@
+"""Config → plan → run. Import submodules directly; this package imports nothing heavy."""
