@@ -1,0 +1,240 @@
+"""The command line: `python scripts/train.py PRESET` (the seed's interface) and `hafs <command>`.
+
+One implementation behind both: each command is a function taking parsed args. Heavy modules are
+imported inside the commands that need them, so listing presets answers instantly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import traceback
+
+from .errors import HafsError
+
+EXAMPLES_TRAIN = """examples:
+  python scripts/train.py --list-presets
+  python scripts/train.py demo                      # offline demo on this CPU
+  python scripts/train.py oracle-rauru-mac --dry-run
+  python scripts/train.py oracle-rauru-mac --set learning_rate=3e-4 --set num_epochs=2
+  python scripts/train.py oracle-rauru-mac --resume auto
+"""
+
+# command name → "module:function" (imported only when that command runs)
+COMMANDS = {
+    "train": "hafs.training.cli:cmd_train",
+    "list": "hafs.training.cli:cmd_list",
+    "show": "hafs.training.cli:cmd_show",
+    "validate": "hafs.training.cli:cmd_validate",
+    "detect": "hafs.training.hardware:cmd_detect",
+    "eval": "hafs.training.evaluate:cmd_eval",
+    "models": "hafs.training.registry:cmd_models",
+    "generate": "hafs.training.generate:cmd_generate",
+    "merge": "hafs.training.merge:cmd_merge",
+    "export": "hafs.training.export:cmd_export",
+    "launch": "hafs.training.launch:cmd_launch",
+    "tune": "hafs.training.tune:cmd_tune",
+}
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="training config (default: config/training.toml)")
+    p.add_argument("-v", "--verbose", action="store_true", help="more output; tracebacks for internal errors")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _train_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting of the resolved plan (repeatable), e.g. learning_rate=3e-4, lora.r=16")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the plan; load no model")
+    p.add_argument("--resume", metavar="auto|PATH", help="continue from the latest (auto) or a given checkpoint")
+    p.add_argument("--force", action="store_true",
+                   help="run despite a memory estimate over the profile's limit or a changed config on resume")
+    p.add_argument("--no-eval", dest="evaluate", action="store_false", help="skip evaluation before/after training")
+    p.add_argument("--report-to", metavar="LIST", help="trackers, comma-separated: tensorboard,wandb,mlflow")
+    reg = p.add_mutually_exclusive_group()
+    reg.add_argument("--register", dest="register", action="store_true", default=None,
+                     help="update the model registry ([output] registry) after training")
+    reg.add_argument("--no-register", dest="register", action="store_false")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hafs", description="Configuration-driven LoRA fine-tuning.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="run 'hafs COMMAND -h' for a command's options\n\n" + EXAMPLES_TRAIN)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    p = sub.add_parser("train", help="train a preset", epilog=EXAMPLES_TRAIN,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("preset")
+    _common(p), _train_options(p)
+    p = sub.add_parser("list", help="list presets, experts, hardware or datasets")
+    p.add_argument("what", choices=["presets", "experts", "hardware", "datasets"], nargs="?", default="presets")
+    _common(p)
+    p = sub.add_parser("show", help="validate a preset and print its resolved plan (a dry run)")
+    p.add_argument("preset")
+    _common(p)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--force", action="store_true")
+    p = sub.add_parser("validate", help="check the config file and every preset")
+    _common(p)
+    p = sub.add_parser("detect", help="detect this machine's hardware and the presets that fit it")
+    _common(p)
+    p = sub.add_parser("eval", help="evaluate a trained model directory")
+    p.add_argument("model_dir")
+    p.add_argument("--dataset", help="a dataset of the config to evaluate on (default: the one trained on)")
+    _common(p)
+    p = sub.add_parser("models", help="list, show, compare or remove trained models")
+    p.add_argument("action", nargs="?", default="list", choices=["list", "show", "compare", "rm"])
+    p.add_argument("names", nargs="*")
+    p.add_argument("--expert"), p.add_argument("--dataset")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation (rm)")
+    _common(p)
+    p = sub.add_parser("generate", help="generate a reply from a trained model")
+    p.add_argument("model_dir"), p.add_argument("instruction", nargs="?")
+    p.add_argument("--input", default=""), p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--interactive", action="store_true")
+    _common(p)
+    p = sub.add_parser("merge", help="merge a LoRA adapter into its base model")
+    p.add_argument("model_dir"), p.add_argument("--out", required=True)
+    _common(p)
+    p = sub.add_parser("export", help="export a trained model for llama.cpp / Ollama")
+    p.add_argument("model_dir"), p.add_argument("--format", choices=["gguf", "ollama"], default="gguf")
+    p.add_argument("--outtype", choices=["f16", "q8_0", "f32", "bf16"], default="f16")
+    p.add_argument("--register", action="store_true", help="record the export in the model registry")
+    _common(p)
+    p = sub.add_parser("launch", help="train a preset on a cloud GPU with SkyPilot")
+    p.add_argument("preset"), p.add_argument("--cloud", choices=["runpod", "lambda"], default="runpod")
+    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _common(p)
+    p = sub.add_parser("tune", help="search hyperparameters with Optuna")
+    p.add_argument("preset"), p.add_argument("--trials", type=int, default=10)
+    p.add_argument("--space", help="[tuning.NAME] table to use (default: the preset's name, else 'default')")
+    p.add_argument("--keep-models", action="store_true", help="keep every trial's model directory")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _common(p)
+    return parser
+
+
+def build_train_script_parser() -> argparse.ArgumentParser:
+    """The seed's flat interface: `train.py PRESET [options]` or `train.py --list-presets`."""
+    p = argparse.ArgumentParser(prog="train.py", description="Train a preset of config/training.toml.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES_TRAIN)
+    p.add_argument("preset", nargs="?")
+    _common(p), _train_options(p)
+    for what in ("presets", "experts", "hardware", "datasets"):
+        p.add_argument(f"--list-{what}", dest="list_what", action="store_const", const=what,
+                       help=f"list the config's {what}")
+    p.add_argument("--detect", action="store_true", help="detect this machine and the presets that fit")
+    p.add_argument("--eval", metavar="MODEL_DIR", dest="eval_dir", help="evaluate a trained model directory")
+    p.add_argument("--dataset", help="with --eval: another dataset of the config")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `hafs` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 0
+    return _run(COMMANDS[args.command], args)
+
+
+def train_script_main(argv: list[str] | None = None) -> int:
+    """Entry point of `scripts/train.py`, mapped onto the same commands as `hafs`."""
+    parser = build_train_script_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.list_what:
+        args.what = args.list_what
+        return _run(COMMANDS["list"], args)
+    if args.detect:
+        return _run(COMMANDS["detect"], args)
+    if args.eval_dir:
+        args.model_dir = args.eval_dir
+        return _run(COMMANDS["eval"], args)
+    if not args.preset:
+        parser.print_help()
+        return 2
+    return _run(COMMANDS["show" if args.dry_run else "train"], args)
+
+
+def _run(target: str, args) -> int:
+    """Run one command; user errors become a short message and exit status 2, never a traceback."""
+    module, func = target.split(":")
+    try:
+        return getattr(importlib.import_module(module), func)(args) or 0
+    except HafsError as exc:
+        print(f"Error: {exc.render()}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("\nInterrupted.", file=sys.stderr)
+        return 130
+    except Exception:  # a bug in hafs: say so plainly
+        if getattr(args, "verbose", False) or os.environ.get("HAFS_DEBUG"):
+            traceback.print_exc()
+        else:
+            etype, value = sys.exc_info()[:2]
+            print(f"Internal error (a bug in hafs): {etype.__name__}: {value}\n"
+                  "Re-run with --verbose for the traceback, and please report it.", file=sys.stderr)
+        return 1
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _load(args):
+    from .loader import load_config
+
+    return load_config(args.config)
+
+
+def cmd_list(args) -> int:
+    cfg = _load(args)
+    from .listing import render_list
+
+    print(render_list(cfg, args.what, as_json=args.json))
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from .plan import resolve
+    from .errors import ConfigError
+
+    cfg = _load(args)
+    failed = 0
+    for name in cfg.presets:
+        try:
+            resolve(cfg, name)
+            print(f"  ok    {name}")
+        except ConfigError as exc:
+            failed += 1
+            print(f"  FAIL  {name}\n" + "\n".join("        " + p.render() for p in exc.problems))
+    print(f"{cfg.path}: {len(cfg.presets) - failed} of {len(cfg.presets)} presets valid")
+    return 2 if failed else 0
+
+
+def cmd_show(args) -> int:
+    from .dryrun import dry_run
+
+    cfg = _load(args)
+    report = dry_run(cfg, args.preset, args.overrides, force=getattr(args, "force", False))
+    print(json.dumps(report.to_dict(), indent=2, default=str) if args.json else report.render())
+    return 0 if report.ok else 2
+
+
+def cmd_train(args) -> int:
+    from .config_trainer import ConfigTrainer
+
+    trainer = ConfigTrainer(args.config, verbose=args.verbose)
+    overrides = list(args.overrides)
+    if args.report_to:
+        overrides.append("report_to=" + json.dumps([s.strip() for s in args.report_to.split(",") if s.strip()]))
+    out = trainer.train(args.preset, overrides=overrides, resume=args.resume, force=args.force,
+                        evaluate=args.evaluate, register=args.register)
+    print(f"Model saved to: {out}")
+    return 0

@@ -1,0 +1,191 @@
+"""Where a run's results go: safe names, staged model directories, atomic files, metadata.json.
+
+A model directory only ever appears complete: it is written under a hidden staging name in the
+same folder and renamed into place after `metadata.json` (written last). An existing directory is
+never overwritten: a second run the same day gets a `-2`, `-3`... suffix.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+from .errors import Problem, TrainingError
+
+STAGING_PREFIX = ".staging-"
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
+
+
+def safe_component(text: str, fallback: str = "run") -> str:
+    """One path component from user text: no separators, no `..`, no leading dots or dashes."""
+    cleaned = _UNSAFE.sub("-", str(text)).strip(".-_")
+    cleaned = re.sub(r"-{2,}", "-", cleaned)[:120]
+    return cleaned or fallback
+
+
+def model_dir_name(plan, now: dt.datetime | None = None) -> str:
+    """The model folder's name from `[output] name_template` (sanitised: it can never escape models_dir)."""
+    now = now or dt.datetime.now()
+    expert = plan.expert_name
+    fields = {
+        "name": expert[len("oracle-"):] if expert.startswith("oracle-") else expert,
+        "expert": expert, "role": plan.expert.role, "base_short": plan.base_short(),
+        "date": now.strftime(plan.output.date_format), "preset": plan.preset,
+    }
+    return safe_component(plan.output.name_template.format(**fields), fallback=safe_component(expert))
+
+
+def run_id(plan, now: dt.datetime | None = None) -> str:
+    """Identifier of one training run (checkpoint folder name): preset + timestamp."""
+    now = now or dt.datetime.now()
+    return f"{safe_component(plan.preset)}-{now.strftime('%Y%m%d-%H%M%S')}"
+
+
+def staging_dir(models_dir: Path, name: str) -> Path:
+    """A fresh hidden folder beside the final one, on the same filesystem so the rename is atomic."""
+    models_dir.mkdir(parents=True, exist_ok=True)
+    path = models_dir / f"{STAGING_PREFIX}{name}-{os.getpid()}"
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir()
+    return path
+
+
+def finalize_dir(staged: Path, models_dir: Path, name: str) -> Path:
+    """Rename the staged folder to `name` (or `name-2`, ...): never onto an existing model."""
+    for i in range(1, 1000):
+        final = models_dir / (name if i == 1 else f"{name}-{i}")
+        if final.exists():
+            continue
+        try:
+            os.rename(staged, final)
+        except OSError as exc:
+            if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                continue  # another run took it between our check and the rename
+            raise
+        _fsync_dir(models_dir)
+        return final
+    raise TrainingError(f"could not find a free name for {name} in {models_dir}")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write via a temp file + fsync + rename: readers see the old file or the new one, never half."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise disk_error(exc, path) from None
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
+
+
+def disk_error(exc: OSError, path: Path) -> TrainingError:
+    """A user-facing error for a failed write (disk full, read-only, permissions)."""
+    why = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
+           errno.EACCES: "permission denied", errno.EDQUOT: "disk quota exceeded"}.get(exc.errno, exc.strerror or str(exc))
+    return TrainingError([Problem(f"cannot write {path}: {why}", file=str(path),
+                                  hint="free space or point [output] at a writable folder; "
+                                       "existing checkpoints and models were left intact")])
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def git_commit(cwd: Path | None = None) -> str | None:
+    """Short commit of the working directory's repository, if any."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=cwd, capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+SECRET_ENV = re.compile(r"(TOKEN|KEY|SECRET|PASSWORD)", re.I)
+
+
+def scrub(obj):
+    """Remove values that look like secrets from the environment (HF/W&B tokens) before logging."""
+    secrets = [v for k, v in os.environ.items() if SECRET_ENV.search(k) and len(v) >= 8]
+    text = json.dumps(obj, default=str)
+    for s in secrets:
+        text = text.replace(s, "***")
+    return json.loads(text)
+
+
+def build_metadata(plan, *, num_samples: int, duration_seconds: float, hardware_info: dict,
+                   extra: dict | None = None, created: dt.datetime | None = None) -> dict:
+    """metadata.json in the seed's exact shape (expert, model, training, hardware, metadata), plus extras."""
+    flags = plan.output.metadata
+    created = created or dt.datetime.now()
+    training = {
+        "dataset": plan.dataset_dir,
+        "num_samples": num_samples,
+        "num_epochs": plan.num_epochs,
+        "batch_size": plan.batch_size,
+        "gradient_accumulation": plan.gradient_accumulation,
+        "learning_rate": plan.learning_rate,
+        "sequence_length": plan.sequence_length,
+    }
+    if flags.include_training_duration:
+        training["duration_seconds"] = round(duration_seconds, 1)
+        training["duration_minutes"] = round(duration_seconds / 60, 2)
+    meta = {
+        "expert": {"name": plan.expert.display_name, "role": plan.expert.role, "group": plan.expert.group,
+                   "specialization": plan.expert.specialization},
+        "model": {"base": plan.expert.base_model, "lora_rank": plan.lora.r, "lora_alpha": plan.lora.lora_alpha},
+        "training": training,
+        "hardware": {"name": plan.hardware.name, "device": plan.device,
+                     "fp16": plan.precision == "fp16", "bf16": plan.precision == "bf16"},
+        "metadata": {"created": created.isoformat(), "git_commit": git_commit() if flags.include_git_commit else None},
+    }
+    if flags.include_hardware_info:
+        meta["hardware"].update(hardware_info)
+    if flags.include_hyperparameters:
+        meta["config"] = plan.to_dict()
+    for key, value in (extra or {}).items():
+        if isinstance(value, dict) and isinstance(meta.get(key), dict):
+            meta[key].update(value)
+        else:
+            meta[key] = value
+    meta["metadata"]["hafs_version"] = _version()
+    return scrub(meta)
+
+
+def _version() -> str:
+    from hafs import __version__
+
+    return __version__
+
+
+def read_metadata(model_dir: Path) -> dict | None:
+    """metadata.json of a model folder, or None when missing/corrupt (a partial directory)."""
+    try:
+        return json.loads((Path(model_dir) / "metadata.json").read_text())
+    except (OSError, ValueError):
+        return None
