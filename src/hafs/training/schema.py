@@ -51,6 +51,39 @@ def template_placeholders(template: str) -> list[str]:
     return [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
 
 
+def template_problems(key: str, template: str, allowed, *, output_last: bool = False) -> Checks:
+    """Problems of a str.format template: malformed braces, unknown placeholders, format specs.
+
+    With `output_last`, `{output}` must appear exactly once and end the template: everything after
+    it would be trained as part of the response.
+    """
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        return [(key, f"is not a valid template: {exc} (write a literal brace as '{{{{' or '}}}}')")]
+    from .errors import did_you_mean
+
+    out: Checks = []
+    shown = ", ".join("{%s}" % f for f in allowed)
+    names = [(name, spec, conv) for _, name, spec, conv in parts if name is not None]
+    for name, spec, conv in names:
+        if name not in allowed:
+            out.append((key, f"unknown placeholder '{{{name}}}'{did_you_mean(name, allowed)}; allowed: {shown}"))
+        elif spec or conv:
+            out.append((key, f"placeholder '{{{name}}}' takes no format spec or conversion"))
+    if output_last:
+        count = sum(1 for name, _, _ in names if name == "output")
+        if count != 1:
+            out.append((key, "must contain {output} exactly once (where the response goes)"
+                        if count == 0 else f"{{output}} appears {count} times; it must appear once"))
+        else:
+            last = max(i for i, part in enumerate(parts) if part[1] is not None)
+            trailing = "".join(part[0] for part in parts[last + 1:])
+            if parts[last][1] != "output" or trailing.strip():
+                out.append((key, "{output} must come last: everything after it would be learned as response"))
+    return out
+
+
 @dataclass
 class MetadataSection:
     """`[metadata]`: about the config file itself."""
@@ -140,23 +173,10 @@ class ExpertSection:
 
     def check(self) -> Checks:
         out = _positive(self, "context_window")
+        if not self.base_model.strip():
+            out.append(("base_model", "must name a hub model id or a local directory"))
         if self.prompt_template:
-            try:
-                names = template_placeholders(self.prompt_template)
-            except ValueError as exc:
-                return out + [("prompt_template", f"is not a valid template: {exc} "
-                               "(write a literal brace as '{{' or '}}')")]
-            for name in names:
-                if name not in TEMPLATE_FIELDS:
-                    from .errors import did_you_mean
-
-                    out.append(("prompt_template", f"unknown placeholder '{{{name}}}'"
-                                f"{did_you_mean(name, TEMPLATE_FIELDS)}; allowed: "
-                                + ", ".join("{%s}" % f for f in TEMPLATE_FIELDS)))
-            if "output" not in names:
-                out.append(("prompt_template", "must contain {output} (where the response goes)"))
-            elif not self.prompt_template.rstrip().endswith("{output}"):
-                out.append(("prompt_template", "{output} must come last: the response is what is learned"))
+            out += template_problems("prompt_template", self.prompt_template, TEMPLATE_FIELDS, output_last=True)
         return out
 
 
@@ -181,6 +201,8 @@ class LoraSection:
             out.append(("lora_dropout", f"must be in [0, 1), got {self.lora_dropout}"))
         if not self.target_modules:
             out.append(("target_modules", "must name at least one module"))
+        out += [(f"target_modules[{i}]", "must not be empty") for i, m in enumerate(self.target_modules)
+                if not m.strip()]
         return out
 
 
@@ -226,13 +248,18 @@ class HyperparameterSection:
                + _one_of(self, "lr_scheduler", SCHEDULERS) + _one_of(self, "eval_strategy", EVAL_STRATEGIES))
         if not 0 <= self.warmup_ratio < 1:
             out.append(("warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}"))
-        for i, backend in enumerate(self.report_to):
-            out += [(f"report_to[{i}]", m) for _, m in _one_of(_Value(backend), "v", REPORT_BACKENDS)]
-        return out
+        return out + _trackers(self.report_to)
+
+
+def _trackers(report_to: list[str] | None) -> Checks:
+    return [(f"report_to[{i}]", m) for i, backend in enumerate(report_to or [])
+            for _, m in _one_of(_Value(backend), "v", REPORT_BACKENDS)]
 
 
 @dataclass
 class _Value:
+    """Wraps one list item so `_one_of` can check it."""
+
     v: object
 
 
@@ -263,6 +290,8 @@ class DatasetSection:
 
     def check(self) -> Checks:
         out = _one_of(self, "on_bad_rows", BAD_ROW_POLICIES) + _one_of(self, "long_samples", LONG_SAMPLE_POLICIES)
+        if not self.path.strip():
+            out.append(("path", "must name the folder holding the splits"))
         if self.quality_threshold is not None and not 0 <= self.quality_threshold <= 1:
             out.append(("quality_threshold", f"must be in [0, 1], got {self.quality_threshold}"))
         if not self.train_split:
@@ -303,7 +332,7 @@ class PresetSection:
 
     def check(self) -> Checks:
         return (_positive(self, "sequence_length", "batch_size", "gradient_accumulation")
-                + _one_of(self, "precision", PRECISIONS))
+                + _one_of(self, "precision", PRECISIONS) + _trackers(self.report_to))
 
 
 @dataclass
@@ -342,15 +371,15 @@ class OutputSection:
     """Which optional sections metadata.json includes."""
 
     def check(self) -> Checks:
-        try:
-            names = template_placeholders(self.name_template)
-        except ValueError as exc:
-            return [("name_template", f"is not a valid template: {exc}")]
-        from .errors import did_you_mean
-
-        return [("name_template", f"unknown placeholder '{{{n}}}'{did_you_mean(n, NAME_FIELDS)}; "
-                 "allowed: " + ", ".join("{%s}" % f for f in NAME_FIELDS))
-                for n in names if n not in NAME_FIELDS]
+        if not self.name_template.strip():
+            return [("name_template", "must not be empty")]
+        out = template_problems("name_template", self.name_template, NAME_FIELDS)
+        if any(sep in self.name_template for sep in "/\\"):
+            out.append(("name_template", "must be a single folder name (no '/' or '\\')"))
+        for key in ("models_dir", "logs_dir", "checkpoints_dir"):
+            if not getattr(self, key).strip():
+                out.append((key, "must name a directory"))
+        return out
 
 
 @dataclass
@@ -369,6 +398,31 @@ class TrainingFile:
     output: OutputSection = field(default_factory=OutputSection)
     tuning: dict[str, dict] = field(default_factory=dict)
     """`[tuning.NAME]` search spaces for `hafs tune` (validated by tune.py)."""
+    locations: dict[tuple[str, ...], int] = field(default_factory=dict, repr=False, compare=False)
+    """Line of each key path in the file (`("presets", "x", "lora")` → 12), for located messages."""
+
+    def line_of(self, keypath) -> int | None:
+        """Line of `keypath` (list, tuple or dotted string), else of its nearest enclosing table."""
+        if isinstance(keypath, str):
+            keypath = split_dotted(keypath)
+        return nearest_line(self.locations, keypath)
+
+
+def nearest_line(index: dict[tuple[str, ...], int], keypath) -> int | None:
+    """Line of the longest prefix of `keypath` found in `index` (list indices like '[0]' included)."""
+    parts = tuple(keypath)
+    for end in range(len(parts), 0, -1):
+        if parts[:end] in index:
+            return index[parts[:end]]
+    return None
+
+
+def split_dotted(key: str) -> list[str]:
+    """Inverse of the loader's dotted key paths: 'presets."a.b".lora[0]' → ['presets', 'a.b', 'lora', '[0]']."""
+    import re
+
+    return [m.group(1) if m.group(1) is not None else m.group(2) or m.group(3)
+            for m in re.finditer(r'"([^"]*)"|(\[\d+\])|([^."\[]+)', key)]
 
 
 # Named tables of the file: section name → class of each entry.
