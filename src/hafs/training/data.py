@@ -242,6 +242,8 @@ def _parse_row(raw: bytes | None, number: int) -> Sample | str:
         return f"invalid JSON: {exc.msg} (column {exc.colno})"
     except RecursionError:
         return "invalid JSON: nested too deeply"
+    except ValueError:  # an integer longer than Python's int_max_str_digits (4300)
+        return "invalid JSON: a number has too many digits"
     if not isinstance(row, dict):
         return f"must be a JSON object, got {type(row).__name__}"
     meta = row.get("_metadata")
@@ -250,11 +252,13 @@ def _parse_row(raw: bytes | None, number: int) -> Sample | str:
     meta = meta or {}
     quality = row.get("quality_score", meta.get("quality_score"))
     if quality is not None and (isinstance(quality, bool) or not isinstance(quality, (int, float))
-                                or not math.isfinite(quality)):
+                                or not _finite(quality)):
         return f"quality_score must be a number, got {json.dumps(quality)[:40]}"
     domain = row.get("domain", meta.get("domain"))
     if domain is not None and not isinstance(domain, str):
         return f"domain must be a string, got {json.dumps(domain)[:40]}"
+    if domain is not None and _FORBIDDEN_CHARS.search(domain):
+        return "domain contains a NUL character or an invalid \\u escape"
     sample = Sample(format="", line=number, domain=domain, quality=None if quality is None else float(quality))
 
     if "messages" in row:
@@ -293,6 +297,13 @@ def _parse_row(raw: bytes | None, number: int) -> Sample | str:
     if any(_FORBIDDEN_CHARS.search(v) for v in fields):
         return "contains a NUL character or an invalid \\u escape"
     return sample
+
+
+def _finite(x) -> bool:
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def _check_messages(messages) -> str:

@@ -1,0 +1,454 @@
+"""Checkpoints: atomic write, checksums, rotation, disk faults, exact resume, config-diff refusal.
+
+A tiny Qwen2 + peft LoRA (dropout > 0, so the RNG matters) trained by a small loop of our own whose
+micro-batch order is a pure function of (seed, epoch), like the engine's.
+"""
+
+from __future__ import annotations
+
+import copy
+import errno
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+from hafs.training import checkpoint  # noqa: E402
+from hafs.training.errors import ResumeError, TrainingError  # noqa: E402
+from hafs.training.loader import load_config  # noqa: E402
+from hafs.training.outputs import run_id  # noqa: E402
+from hafs.training.plan import resolve  # noqa: E402
+
+SEED, SAMPLES, SEQ, BATCH, ACCUM, TOTAL_STEPS, VOCAB = 7, 10, 8, 2, 2, 7, 64  # 5 micro-batches = 3 steps per epoch
+
+
+@dataclass
+class TinyState:
+    """Stand-in for engine.TrainState: the fields a resume needs."""
+
+    step: int = 0
+    epoch: int = 0
+    micro_batch: int = 0
+    tokens: int = 0
+    loss_history: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"step": self.step, "epoch": self.epoch, "micro_batch": self.micro_batch, "tokens": self.tokens,
+                "loss_history": list(self.loss_history)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TinyState":
+        return cls(**d)
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return load_config("config/training.toml")
+
+
+@pytest.fixture
+def plan(shipped, tmp_path):
+    return resolve(shipped, "demo", {"output.checkpoints_dir": str(tmp_path / "ckpt"), "save_total_limit": 3})
+
+
+def build(init_seed: int = 0):
+    """Base weights from a fixed seed (they are frozen, as when loaded from disk); LoRA init from init_seed."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers.optimization import get_scheduler
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    base = Qwen2ForCausalLM(cfg)
+    torch.manual_seed(init_seed)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3,
+                                            target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, weight_decay=0.01)
+    sched = get_scheduler("cosine", opt, num_warmup_steps=2, num_training_steps=TOTAL_STEPS)
+    return model, opt, sched
+
+
+DATA = torch.randint(0, VOCAB, (SAMPLES, SEQ), generator=torch.Generator().manual_seed(3))
+
+
+def order(epoch: int) -> list[int]:
+    return torch.randperm(SAMPLES, generator=torch.Generator().manual_seed(SEED * 1000 + epoch)).tolist()
+
+
+def train(model, opt, sched, state, until: int, on_save=None):
+    """Our loop: optimizer steps at accumulation boundaries (and at the end of an epoch)."""
+    per_epoch = SAMPLES // BATCH
+    while state.step < until:
+        perm = order(state.epoch)
+        while state.micro_batch < per_epoch and state.step < until:
+            ids = DATA[perm[state.micro_batch * BATCH:(state.micro_batch + 1) * BATCH]]
+            loss = model(input_ids=ids, labels=ids).loss / ACCUM
+            loss.backward()
+            state.micro_batch += 1
+            state.tokens += ids.numel()
+            if state.micro_batch % ACCUM == 0 or state.micro_batch == per_epoch:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                state.step += 1
+                state.loss_history.append(round(loss.item() * ACCUM, 8))
+                if on_save:
+                    on_save(state)
+        if state.micro_batch >= per_epoch:
+            state.epoch, state.micro_batch = state.epoch + 1, 0
+    return state
+
+
+def adapter(model) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def save(run_dir, model, opt, sched, state, plan, **kw):
+    return checkpoint.save_checkpoint(run_dir, model=model, optimizer=opt, scheduler=sched, state=state,
+                                      plan=plan, **kw)
+
+
+def scramble_rng():
+    random.seed(12345), np.random.seed(12345), torch.manual_seed(12345)
+
+
+# --------------------------------------------------------------------------- exact resume
+
+
+@pytest.fixture(scope="module")
+def uninterrupted():
+    """Adapter and state of a run of TOTAL_STEPS without a stop."""
+    model, opt, sched = build()
+    state = train(model, opt, sched, TinyState(), TOTAL_STEPS)
+    return state, adapter(model)
+
+
+@pytest.mark.parametrize("k", [2, 4])  # 2: an epoch boundary is ahead; 4: mid-epoch (epoch 1, micro-batch 2)
+def test_resume_in_a_fresh_model_ends_identical(tmp_path, plan, k, uninterrupted):
+    full, expected = uninterrupted
+    expected_loss = full.loss_history
+
+    model, opt, sched = build()
+    state = train(model, opt, sched, TinyState(), k)
+    path = save(tmp_path / "run", model, opt, sched, state, plan)
+    del model, opt, sched
+    scramble_rng()  # a new process: every generator somewhere else
+
+    model, opt, sched = build(init_seed=99)  # other LoRA init: restore must overwrite it
+    point = checkpoint.load_point(path)
+    resumed = checkpoint.restore(point, model=model, optimizer=opt, scheduler=sched, state_cls=TinyState)
+    assert (resumed.step, resumed.epoch, resumed.micro_batch) == (state.step, state.epoch, state.micro_batch)
+    resumed = train(model, opt, sched, resumed, TOTAL_STEPS)
+
+    assert max_diff(adapter(model), expected) <= 1e-6
+    assert resumed.loss_history == expected_loss
+    assert resumed.tokens == full.tokens
+
+
+def test_resume_without_rng_state_would_diverge(tmp_path, plan, monkeypatch, uninterrupted):
+    """The exactness test above can fail: skip the RNG restore and dropout draws other masks."""
+    expected = uninterrupted[1]
+    model, opt, sched = build()
+    path = save(tmp_path / "run", model, opt, sched, train(model, opt, sched, TinyState(), 4), plan)
+    scramble_rng()
+    monkeypatch.setattr(checkpoint, "set_rng_state", lambda saved: None)
+    monkeypatch.setattr("hafs.training.resume.set_rng_state", lambda saved: None)
+    model, opt, sched = build()
+    state = checkpoint.restore(checkpoint.load_point(path), model=model, optimizer=opt, scheduler=sched,
+                               state_cls=TinyState)
+    train(model, opt, sched, state, TOTAL_STEPS)
+    assert max_diff(adapter(model), expected) > 1e-4
+
+
+def test_round_trip_restores_weights_optimizer_scheduler_and_every_rng(tmp_path, plan):
+    model, opt, sched = build()
+    state = train(model, opt, sched, TinyState(), 3)
+    weights, opt_state, sched_state = adapter(model), copy.deepcopy(opt.state_dict()), sched.state_dict()
+    path = save(tmp_path / "run", model, opt, sched, state, plan)
+    draws = (random.random(), float(np.random.rand()), torch.rand(3).tolist())
+
+    train(model, opt, sched, state, 5)  # move everything on
+    scramble_rng()
+    checkpoint.restore(checkpoint.load_point(path), model=model, optimizer=opt, scheduler=sched,
+                       state_cls=TinyState)
+    assert max_diff(adapter(model), weights) == 0
+    assert (random.random(), float(np.random.rand()), torch.rand(3).tolist()) == draws
+    assert sched.state_dict()["last_epoch"] == sched_state["last_epoch"] == 3
+    assert sched.get_last_lr() == sched_state["_last_lr"]
+    restored = opt.state_dict()
+    for idx, entry in opt_state["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(restored["state"][idx][key], value), key
+
+
+def test_checkpoint_layout_and_manifest(tmp_path, plan):
+    model, opt, sched = build()
+    state = train(model, opt, sched, TinyState(), 2)
+    path = save(tmp_path / "run", model, opt, sched, state, plan, dataset_fingerprint="ab" * 32)
+    assert path.name == "checkpoint-2"
+    names = sorted(p.name for p in path.iterdir())
+    assert names == sorted(["adapter.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "state.json",
+                            "config.json", "manifest.json"])
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert set(manifest["files"]) == set(names) - {"manifest.json"}
+    record = json.loads((path / "state.json").read_text())
+    assert record["data_position"] == {"epoch": 0, "micro_batch": 4} and record["dataset_fingerprint"] == "ab" * 32
+    assert json.loads((path / "config.json").read_text())["preset"] == "demo"
+    from safetensors.torch import load_file
+
+    saved = load_file(str(path / "adapter.safetensors"))
+    assert saved.keys() == adapter(model).keys() and all("lora_" in k for k in saved)  # only trainable params
+    assert not list((tmp_path / "run").glob(".tmp-*"))
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine", "constant", "constant_with_warmup",
+                                  "cosine_with_restarts", "polynomial"])
+def test_every_scheduler_and_the_scaler_load_with_weights_only(tmp_path, plan, kind):
+    from transformers.optimization import get_scheduler
+
+    model, opt, _ = build()
+    sched = get_scheduler(kind, opt, num_warmup_steps=1, num_training_steps=5)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    state = train(model, opt, sched, TinyState(), 1)
+    path = save(tmp_path / "run", model, opt, sched, state, plan, scaler=scaler)
+    for name in ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng.pt"):
+        torch.load(path / name, weights_only=True)
+    assert torch.load(path / "scaler.pt", weights_only=True)["scale"] == 1024.0
+
+
+def test_restore_returns_the_engines_train_state(tmp_path, plan):
+    engine = pytest.importorskip("hafs.training.engine")
+    model, opt, sched = build()
+    state = engine.TrainState(step=3, total_steps=9, epoch=1, micro_batch=2, tokens=40, lr=1e-3,
+                              loss_history=[[1, 2.5], [2, 2.25], [3, 2.0]], elapsed_seconds=12.5)
+    point = checkpoint.load_point(save(tmp_path / "run", model, opt, sched, state, plan))
+    assert point.elapsed == 12.5 and point.step == 3
+    restored = checkpoint.restore(point, model=model, optimizer=opt, scheduler=sched)
+    assert isinstance(restored, engine.TrainState) and restored == state
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_pickled_code_in_a_checkpoint_is_refused(tmp_path, plan, monkeypatch):
+    model, opt, sched = build()
+    path = save(tmp_path / "run", model, opt, sched, train(model, opt, sched, TinyState(), 1), plan)
+    torch.save({"state": {}, "param_groups": [], "x": _Evil()}, path / "optimizer.pt")
+    _refresh_manifest(path)  # a crafted checkpoint: checksums match, contents hostile
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ResumeError, match="cannot load optimizer.pt"):
+        checkpoint.restore(checkpoint.load_point(path), model=model, optimizer=opt, scheduler=sched,
+                           state_cls=TinyState)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def _refresh_manifest(path):
+    import hashlib
+
+    manifest = json.loads((path / "manifest.json").read_text())
+    for name in manifest["files"]:
+        data = (path / name).read_bytes()
+        manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_restore_into_another_lora_shape_is_a_resume_error(tmp_path, plan):
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    model, opt, sched = build()
+    path = save(tmp_path / "run", model, opt, sched, train(model, opt, sched, TinyState(), 1), plan)
+    other = get_peft_model(Qwen2ForCausalLM(Qwen2Config(vocab_size=VOCAB, hidden_size=16, intermediate_size=32,
+                                                        num_hidden_layers=2, num_attention_heads=2,
+                                                        num_key_value_heads=1)),
+                           LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    with pytest.raises(ResumeError, match="shape"):
+        checkpoint.restore(checkpoint.load_point(path), model=other, optimizer=opt, scheduler=sched,
+                           state_cls=TinyState)
+
+
+# --------------------------------------------------------------------------- corruption, rotation, faults
+
+
+@pytest.fixture
+def three_checkpoints(tmp_path, plan):
+    model, opt, sched = build()
+    run = tmp_path / "run"
+    train(model, opt, sched, TinyState(), 3, on_save=lambda st: save(run, model, opt, sched, st, plan))
+    return run
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "no-manifest", "bad-manifest", "missing-file"])
+def test_a_broken_latest_checkpoint_falls_back_to_the_previous_with_a_warning(three_checkpoints, damage):
+    newest = three_checkpoints / "checkpoint-3"
+    target = newest / "optimizer.pt"
+    if damage == "truncate":
+        target.write_bytes(target.read_bytes()[:100])
+    elif damage == "flip":
+        data = bytearray(target.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        target.write_bytes(bytes(data))
+    elif damage == "no-manifest":
+        (newest / "manifest.json").unlink()
+    elif damage == "bad-manifest":
+        (newest / "manifest.json").write_text('{"format": 1, "files": ')
+    else:
+        (newest / "rng.pt").unlink()
+    warnings = []
+    assert checkpoint.latest_checkpoint(three_checkpoints, log=warnings.append) == three_checkpoints / "checkpoint-2"
+    assert len(warnings) == 1 and "checkpoint-3" in warnings[0]
+    assert checkpoint.verify(three_checkpoints / "checkpoint-2") == ""
+
+
+def test_rotation_keeps_save_total_limit_and_cleans_stale_temp_dirs(tmp_path, plan):
+    plan.save_total_limit = 2
+    model, opt, sched = build()
+    run = tmp_path / "run"
+    run.mkdir()
+    stale = run / ".tmp-checkpoint-9-999999999"  # left by a killed process (no such pid)
+    stale.mkdir()
+    train(model, opt, sched, TinyState(), 5, on_save=lambda st: save(run, model, opt, sched, st, plan))
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-4", "checkpoint-5"]
+
+
+def test_saving_after_resuming_past_a_broken_later_checkpoint_replaces_it(three_checkpoints, plan):
+    (three_checkpoints / "checkpoint-3" / "state.json").write_text("garbage")
+    model, opt, sched = build()
+    point = checkpoint.load_point(checkpoint.latest_checkpoint(three_checkpoints, log=lambda m: None))
+    state = checkpoint.restore(point, model=model, optimizer=opt, scheduler=sched, state_cls=TinyState)
+    train(model, opt, sched, state, 3, on_save=lambda st: save(three_checkpoints, model, opt, sched, st, plan))
+    assert checkpoint.verify(three_checkpoints / "checkpoint-3") == ""
+    assert checkpoint.latest_checkpoint(three_checkpoints) == three_checkpoints / "checkpoint-3"
+
+
+@pytest.mark.parametrize("code,words", [(errno.ENOSPC, "disk is full"), (errno.EROFS, "read-only"),
+                                        (errno.EACCES, "permission denied")])
+def test_a_failed_write_leaves_previous_checkpoints_intact(three_checkpoints, plan, monkeypatch, code, words):
+    before = {p.name: p.read_bytes() for p in (three_checkpoints / "checkpoint-3").iterdir()}
+    real, calls = checkpoint._write_file, []
+
+    def failing(path, data):
+        calls.append(path.name)
+        if len(calls) == 3:  # half-written third file, as when the disk fills mid-save
+            path.write_bytes(data[: len(data) // 2])
+            raise OSError(code, os.strerror(code), str(path))
+        real(path, data)
+
+    monkeypatch.setattr(checkpoint, "_write_file", failing)
+    model, opt, sched = build()
+    with pytest.raises(TrainingError, match=words) as info:
+        save(three_checkpoints, model, opt, sched, TinyState(step=4), plan)
+    assert "left intact" in info.value.render()
+    assert sorted(p.name for p in three_checkpoints.iterdir()) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    assert {p.name: p.read_bytes() for p in (three_checkpoints / "checkpoint-3").iterdir()} == before
+    assert checkpoint.latest_checkpoint(three_checkpoints) == three_checkpoints / "checkpoint-3"
+
+
+def test_an_interrupt_during_save_leaves_no_partial_folder(tmp_path, plan, monkeypatch):
+    def interrupt(path, data):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "_write_file", interrupt)
+    model, opt, sched = build()
+    with pytest.raises(KeyboardInterrupt):
+        save(tmp_path / "run", model, opt, sched, TinyState(step=1), plan)
+    assert list((tmp_path / "run").iterdir()) == []
+
+
+# --------------------------------------------------------------------------- find_resume
+
+
+def _run_with_checkpoint(plan, model, opt, sched, step, when, fingerprint="f" * 64):
+    import datetime as dt
+
+    run = checkpoint.Path(plan.output.checkpoints_dir) / run_id(plan, dt.datetime(2026, 1, 1, 10, when))
+    return save(run, model, opt, sched, TinyState(step=step), plan, dataset_fingerprint=fingerprint)
+
+
+def test_auto_picks_the_newest_run_of_the_same_preset(plan, shipped):
+    model, opt, sched = build()
+    old = _run_with_checkpoint(plan, model, opt, sched, 5, when=1)
+    new = _run_with_checkpoint(plan, model, opt, sched, 2, when=2)
+    other = resolve(shipped, "oracle-rauru-mac", {"output.checkpoints_dir": plan.output.checkpoints_dir})
+    _run_with_checkpoint(other, model, opt, sched, 9, when=3)
+    log = []
+    point = checkpoint.find_resume(plan, "auto", force=False, log=log.append, dataset_fingerprint="f" * 64)
+    assert point.path == new and point.run_dir == new.parent and point.step == 2
+    shutil.rmtree(new.parent)  # newest run gone: the older one is next
+    assert checkpoint.find_resume(plan, "auto", log=log.append).path == old
+
+
+def test_auto_skips_a_run_whose_only_checkpoint_is_broken(plan):
+    model, opt, sched = build()
+    old = _run_with_checkpoint(plan, model, opt, sched, 5, when=1)
+    new = _run_with_checkpoint(plan, model, opt, sched, 2, when=2)
+    (new / "adapter.safetensors").write_bytes(b"x")
+    log = []
+    assert checkpoint.find_resume(plan, "auto", log=log.append).path == old
+    assert any("checkpoint-2" in m and "warning" in m for m in log)
+
+
+def test_auto_with_nothing_to_resume_starts_fresh_with_a_notice(plan):
+    log = []
+    assert checkpoint.find_resume(plan, "auto", log=log.append) is None
+    assert "starting from scratch" in log[0] and "demo" in log[0]
+
+
+def test_explicit_paths(plan, tmp_path):
+    model, opt, sched = build()
+    first = _run_with_checkpoint(plan, model, opt, sched, 2, when=1)
+    second = save(first.parent, model, opt, sched, TinyState(step=4), plan)
+    assert checkpoint.find_resume(plan, str(first.parent), log=lambda m: None).path == second
+    log = []
+    point = checkpoint.find_resume(plan, str(first), log=log.append)  # going back: a new run folder
+    assert point.path == first and point.run_dir != first.parent and "not the newest" in log[0]
+    (second / "rng.pt").write_bytes(b"")
+    with pytest.raises(ResumeError, match="not usable") as info:
+        checkpoint.find_resume(plan, str(second), log=lambda m: None)
+    assert "checkpoint-2" in info.value.render()
+    with pytest.raises(ResumeError, match="no such checkpoint"):
+        checkpoint.find_resume(plan, str(tmp_path / "nope"))
+
+
+def test_a_changed_config_is_refused_with_each_difference_unless_forced(plan, shipped):
+    model, opt, sched = build()
+    _run_with_checkpoint(plan, model, opt, sched, 2, when=1)
+    changed = resolve(shipped, "demo", {"output.checkpoints_dir": plan.output.checkpoints_dir,
+                                        "lora.r": 16, "sequence_length": 256, "learning_rate": 1e-4})
+    with pytest.raises(ResumeError) as info:
+        checkpoint.find_resume(changed, "auto", force=False, log=lambda m: None, dataset_fingerprint="e" * 64)
+    text = info.value.render()
+    assert "lora.r: 8 → 16" in text and "sequence_length: 512 → 256" in text
+    assert "train split sha256: \"ffffffffffff\" → \"eeeeeeeeeeee\"" in text and "--force" in text
+    assert "learning_rate" not in text  # allowed to change: only noted
+    log = []
+    point = checkpoint.find_resume(changed, "auto", force=True, log=log.append, dataset_fingerprint="e" * 64)
+    assert len(point.differences) == 3 and point.to_metadata()["forced"] is True
+    assert any("learning_rate: 0.001 → 0.0001" in m for m in log)
+
+
+def test_an_unchanged_config_resumes_without_notes(plan):
+    model, opt, sched = build()
+    _run_with_checkpoint(plan, model, opt, sched, 2, when=1)
+    log = []
+    point = checkpoint.find_resume(plan, "auto", log=log.append, dataset_fingerprint="f" * 64)
+    assert point.differences == [] and log == []
+    assert point.to_metadata() == {"from_checkpoint": str(point.path), "from_step": 2, "forced": False,
+                                   "differences": []}
