@@ -6,6 +6,7 @@ user typed it (`presets.my-run.lora`). Unknown keys get a did-you-mean. Nothing 
 
 from __future__ import annotations
 
+import datetime
 import math
 import re
 import tomllib
@@ -15,10 +16,14 @@ from dataclasses import MISSING, fields, is_dataclass
 from pathlib import Path
 
 from .errors import ConfigError, Problem, did_you_mean
+from .keypaths import dotted as _dotted
+from .keypaths import key_lines, nearest_line
 from .schema import NAMED_TABLES, SINGLE_TABLES, TrainingFile
 
 DEFAULT_CONFIG = Path("config") / "training.toml"
 SECTIONS = tuple(NAMED_TABLES) + tuple(SINGLE_TABLES) + ("tuning",)
+INT_LIMIT = 2**63 - 1
+"""Whole numbers beyond int64 would overflow torch and the JSON readers of metadata.json."""
 
 
 def default_config_path() -> Path:
@@ -32,24 +37,28 @@ def default_config_path() -> Path:
 
 def load_config(path: str | Path | None = None) -> TrainingFile:
     """Read and validate a training.toml; raises ConfigError listing every problem."""
-    path = Path(path).expanduser() if path else default_config_path()
     try:
+        path = Path(path).expanduser() if path else default_config_path()
         raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError([Problem("config file not found", file=str(path),
                                    hint="pass --config FILE, or run from the project directory")]) from None
-    except OSError as exc:
-        raise ConfigError([Problem(f"cannot read config file: {exc.strerror or exc}", file=str(path))]) from None
+    except (OSError, ValueError, RuntimeError) as exc:  # a directory, no permission, a NUL in the name, no $HOME
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise ConfigError([Problem(f"cannot read config file: {reason}", file=str(path))]) from None
     try:
-        text = raw.decode("utf-8")
+        # utf-8-sig: Windows editors (the user trains on Windows) may prepend a byte-order mark.
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
-        raise ConfigError([Problem("file is not valid UTF-8 text", file=str(path), line=line)]) from None
+        raise ConfigError([Problem(f"file is not valid UTF-8 text (byte {exc.start})", file=str(path), line=line,
+                                   hint="save the file as UTF-8")]) from None
     return load_config_text(text, str(path))
 
 
 def load_config_text(text: str, filename: str = "<string>") -> TrainingFile:
     """Validate TOML text; `filename` is used in messages and to resolve relative paths."""
+    text = text.removeprefix("\ufeff")
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -59,22 +68,27 @@ def load_config_text(text: str, filename: str = "<string>") -> TrainingFile:
         msg = re.sub(r"\s*\(at line \d+, column \d+\)", "", msg) if m else msg
         raise ConfigError([Problem(f"TOML syntax error: {msg}", file=filename, line=line,
                                    hint="see https://toml.io for the syntax")]) from None
-    except (RecursionError, ValueError) as exc:  # pathological nesting or numbers
-        raise ConfigError([Problem(f"TOML could not be parsed: {type(exc).__name__}", file=filename)]) from None
+    except RecursionError:
+        raise ConfigError([Problem("TOML could not be parsed: arrays or tables nested too deeply", file=filename,
+                                   line=_worst_line(text, lambda ln: ln.count("[") + ln.count("{")))]) from None
+    except ValueError as exc:  # tomllib lets int()'s 4300-digit limit through as a bare ValueError
+        raise ConfigError([Problem(f"TOML could not be parsed: {str(exc)[:120]}", file=filename,
+                                   line=_worst_line(text, lambda ln: max(map(len, re.findall(r"[0-9_]+", ln)),
+                                                                        default=0)))]) from None
     locate = _Locator(text)
     problems: list[Problem] = []
 
     def report(keypath: list[str], message: str, hint: str = "") -> None:
         problems.append(Problem(message, key=_dotted(keypath), file=filename, line=locate(keypath), hint=hint))
 
-    result = TrainingFile(path=filename)
+    result = TrainingFile(path=filename, locations=locate.index)
     for section, value in data.items():
         if section not in SECTIONS:
             report([section], f"unknown section{did_you_mean(section, SECTIONS)}",
                    hint="sections are: " + ", ".join(SECTIONS))
             continue
         if not isinstance(value, dict):
-            report([section], "must be a table")
+            report([section], f"must be a table ([{section}]), got {_describe(value)}")
             continue
         if section in SINGLE_TABLES:
             built = build_section(SINGLE_TABLES[section], value, [section], report)
@@ -84,28 +98,39 @@ def load_config_text(text: str, filename: str = "<string>") -> TrainingFile:
             result.tuning = {k: v for k, v in value.items() if isinstance(v, dict)}
             for k, v in value.items():
                 if not isinstance(v, dict):
-                    report([section, k], "must be a table")
+                    report([section, k], f"must be a table ([tuning.{k}]), got {_describe(v)}")
         else:
             entries = getattr(result, section)
             for name, table in value.items():
                 if not isinstance(table, dict):
-                    report([section, name], f"must be a table ([{section}.{name}])")
+                    report([section, name], f"must be a table ([{section}.{name}]), got {_describe(table)}")
                     continue
                 built = build_section(NAMED_TABLES[section], table, [section, name], report)
                 if built is not None:
                     entries[name] = built
     _check_references(result, data, report)
     if problems:
+        problems.sort(key=lambda p: p.line or 0)  # file order; problems without a line first
         noun = "problem" if len(problems) == 1 else "problems"
         raise ConfigError(problems, title=f"{filename}: {len(problems)} {noun} in the training config")
     return result
 
 
+def _worst_line(text: str, score) -> int | None:
+    """The line scoring highest (tomllib gives no position for these errors; this is where to look)."""
+    scores = [score(line) for line in text.split("\n")]
+    best = max(scores, default=0)
+    return scores.index(best) + 1 if best else None
+
+
+REFERENCES = {"expert": "experts", "hardware": "hardware", "dataset": "datasets", "lora": "lora",
+              "hyperparameters": "hyperparameters"}
+"""Preset key → the section whose table it names."""
+
+
 def _check_references(result: TrainingFile, data: dict, report) -> None:
-    refs = {"expert": "experts", "hardware": "hardware", "dataset": "datasets", "lora": "lora",
-            "hyperparameters": "hyperparameters"}
     for name, preset in result.presets.items():
-        for key, section in refs.items():
+        for key, section in REFERENCES.items():
             target = getattr(preset, key)
             table = getattr(result, section)
             if target in table:
@@ -113,9 +138,9 @@ def _check_references(result: TrainingFile, data: dict, report) -> None:
             raw_section = data.get(section) if isinstance(data.get(section), dict) else {}
             if target in raw_section:
                 continue  # exists but is itself invalid: reported where it is
-            available = ", ".join(sorted(table)) or "none defined"
-            report(["presets", name, key], f"{key} '{target}' is not defined{did_you_mean(target, table)}",
-                   hint=f"[{section}.*] has: {available}")
+            names = sorted(set(table) | set(raw_section))  # invalid ones too: they exist, they need fixing
+            report(["presets", name, key], f"{key} '{target}' is not defined{did_you_mean(target, names)}",
+                   hint=f"[{section}.*] has: {', '.join(names) or 'none defined'}")
 
 
 def build_section(cls, raw: dict, keypath: list[str], report):
@@ -130,9 +155,9 @@ def build_section(cls, raw: dict, keypath: list[str], report):
                    hint=f"[{_dotted(keypath)}] takes: {', '.join(known)}")
             ok = False
             continue
-        converted, error = coerce(value, hints[key], keypath + [key], report)
+        converted, where, error = coerce_at(value, hints[key], keypath + [key], report)
         if error:
-            report(keypath + [key], error)
+            report(keypath + [key] + where, error)
             ok = False
         elif converted is not _INVALID:
             kwargs[key] = converted
@@ -140,14 +165,16 @@ def build_section(cls, raw: dict, keypath: list[str], report):
             ok = False
     for name, f in known.items():
         if name not in raw and f.default is MISSING and f.default_factory is MISSING:
-            report(keypath, f"missing required key '{name}'")
+            report(keypath + [name], "required key is missing",
+                   hint=f"add {name} = ... to [{_dotted(keypath)}]")
             ok = False
     if not ok:
         return None
     obj = cls(**kwargs)
     check = getattr(obj, "check", None)
     for key, message in (check() if check else []):
-        report(keypath + [key.split("[")[0]] if "[" in key else keypath + [key], message)
+        name, _, index = key.partition("[")
+        report(keypath + [name] + ([f"[{index}"] if index else []), message)
         ok = False
     return obj if ok else None
 
@@ -157,15 +184,33 @@ _INVALID = object()
 
 def coerce(value, tp, keypath: list[str], report=None):
     """(converted value, error message or None) for `value` against annotation `tp`."""
+    converted, _, error = coerce_at(value, tp, keypath, report)
+    return converted, error
+
+
+def coerce_at(value, tp, keypath: list[str], report=None):
+    """Like `coerce`, plus where the error is below the key: ['[2]'] for item 2 of a list, else []."""
+    converted, error = _coerce(value, tp, keypath, report)
+    if isinstance(error, tuple):
+        return converted, error[0], error[1]
+    return converted, [], error
+
+
+def _coerce(value, tp, keypath: list[str], report=None):
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        inner = [a for a in typing.get_args(tp) if a is not type(None)]
-        return coerce(value, inner[0], keypath, report)
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None, None  # never from TOML (it has no null); from a plan edited in Python
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], keypath, report)
     if is_dataclass(tp):
         if isinstance(value, tp):
             return value, None
         if not isinstance(value, dict):
             return None, f"must be a table, got {_describe(value)}"
+        if report is None:  # a plan edited in Python: sections are objects there, not tables
+            return None, f"must be a {tp.__name__}, got {_describe(value)}"
         built = build_section(tp, value, keypath, report)
         return (built if built is not None else _INVALID), None
     if origin is list:
@@ -174,9 +219,9 @@ def coerce(value, tp, keypath: list[str], report=None):
             return None, f"must be a list of {_name(item_type)}, got {_describe(value)}"
         out = []
         for i, item in enumerate(value):
-            got, err = coerce(item, item_type, keypath + [f"[{i}]"], report)
+            got, err = _coerce(item, item_type, keypath + [f"[{i}]"], report)
             if err:
-                return None, f"item {i}: {err}"
+                return None, ([f"[{i}]"], f"item {i} {err}")
             out.append(got)
         return out, None
     if origin is dict or tp is dict:
@@ -184,17 +229,19 @@ def coerce(value, tp, keypath: list[str], report=None):
     if tp is bool:
         return (value, None) if isinstance(value, bool) else (None, f"must be true or false, got {_describe(value)}")
     if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value, None
         if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
-            return int(value), None
-        return None, f"must be a whole number, got {_describe(value)}"
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            return None, f"must be a whole number, got {_describe(value)}"
+        if abs(value) > INT_LIMIT:
+            return None, f"number is too large: {_describe(value)}"
+        return value, None
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             try:
                 as_float = float(value)
             except OverflowError:
-                return None, f"number is too large: {str(value)[:30]}"
+                return None, f"number is too large: {_describe(value)}"
             if not math.isfinite(as_float):
                 return None, f"must be a finite number, got {value}"
             return as_float, None
@@ -209,57 +256,31 @@ def _name(tp) -> str:
 
 
 def _describe(value) -> str:
-    kind = {bool: "a boolean", int: "a whole number", float: "a number", str: "a string",
-            list: "a list", dict: "a table"}.get(type(value), type(value).__name__)
-    shown = repr(value)
     if isinstance(value, dict):
-        return kind
-    return f"{kind} ({shown[:40]}{'...' if len(shown) > 40 else ''})"
-
-
-def _dotted(keypath: list[str]) -> str:
-    out = ""
-    for part in keypath:
-        if part.startswith("["):
-            out += part
-        else:
-            quoted = part if re.fullmatch(r"[A-Za-z0-9_-]+", part) else '"%s"' % part
-            out += ("." if out else "") + quoted
-    return out
+        return "a table"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**30:
+        return f"a whole number with {len(str(abs(value)))} digits"
+    kinds = {bool: "a boolean", int: "a whole number", float: "a number", str: "a string", list: "a list",
+             datetime.datetime: "a date-time", datetime.date: "a date", datetime.time: "a time"}
+    try:
+        shown = ("true" if value else "false") if isinstance(value, bool) else repr(value)
+    except RecursionError:
+        shown = "..."
+    return f"{kinds.get(type(value), type(value).__name__)} ({shown[:40]}{'...' if len(shown) > 40 else ''})"
 
 
 class _Locator:
-    """Finds the line of a key path in TOML text (tomllib keeps no positions)."""
+    """Finds the line of a key path in TOML text (tomllib keeps no positions).
 
-    _header = re.compile(r"^\s*\[\s*([^\[\]]+?)\s*\]\s*(#.*)?$")
-    _key = re.compile(r'^\s*("?)([A-Za-z0-9_.-]+)\1\s*=')
+    Line numbers are a courtesy: if the scanner cannot follow the text, messages go without them
+    rather than hiding the real problem behind a scanner error.
+    """
 
     def __init__(self, text: str):
-        self.lines = text.splitlines()
+        try:
+            self.index = key_lines(text)
+        except Exception:  # noqa: BLE001 - see the class docstring; tests run key_lines directly
+            self.index = {}
 
-    def __call__(self, keypath: list[str]) -> int | None:
-        keypath = [p for p in keypath if not p.startswith("[")]
-        for split in range(len(keypath), 0, -1):
-            table, key = keypath[:split], keypath[split:]
-            line = self._find(table, key[0] if key else None)
-            if line:
-                return line
-        return None
-
-    def _find(self, table: list[str], key: str | None) -> int | None:
-        current: list[str] | None = []
-        header_line = None
-        for number, text in enumerate(self.lines, 1):
-            m = self._header.match(text)
-            if m:
-                current = [p.strip().strip('"') for p in m.group(1).split(".")]
-                if current == table and key is None:
-                    return number
-                if current == table:
-                    header_line = number
-                continue
-            if key is not None and current == table:
-                k = self._key.match(text)
-                if k and k.group(2) == key:
-                    return number
-        return header_line
+    def __call__(self, keypath) -> int | None:
+        return nearest_line(self.index, keypath)

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError, Problem, did_you_mean
-from .loader import coerce
+from .loader import REFERENCES, _dotted, build_section, coerce, coerce_at
 from .schema import (
-    DatasetSection, ExpertSection, HardwareProfile, HyperparameterSection, LoraSection, OutputSection,
-    PresetSection, TrainingFile, _one_of, PRECISIONS, REPORT_BACKENDS,
+    DEVICES, PRECISIONS, DatasetSection, ExpertSection, HardwareProfile, HyperparameterSection, LoraSection,
+    OutputSection, PresetSection, TrainingFile, _one_of,
 )
 
 
@@ -131,8 +131,14 @@ class TrainingConfig:
         return "".join(c for c in tail.lower() if c.isalnum() or c == "-").strip("-") or "model"
 
     def validate(self) -> "TrainingConfig":
-        """Re-check types, ranges and hardware rules (after edits); raises ConfigError with all problems."""
-        problems = _type_problems(self) + hardware_problems(self)
+        """Re-check types, ranges and hardware rules (after edits); raises ConfigError with all problems.
+
+        Also normalises what it checked: whole-number floats become ints, ints become floats where
+        a float is expected, and precision "auto" becomes what the profile supports.
+        """
+        problems = _section_problems(self)
+        if not problems:
+            problems = hardware_problems(self)
         if problems:
             raise ConfigError(problems, title=f"Preset '{self.preset}' cannot run as configured:")
         return self
@@ -143,27 +149,43 @@ class TrainingConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainingConfig":
-        """Inverse of to_dict (used when resuming)."""
-        data = dict(data)
-        nested = {"expert": ExpertSection, "hardware": HardwareProfile, "dataset": DatasetSection,
-                  "lora": LoraSection}
-        for key, section in nested.items():
-            data[key] = section(**data[key])
-        out = dict(data["output"])
-        from .schema import OutputMetadataFlags
+        """Inverse of to_dict (used when resuming); keys this version does not know are ignored.
 
-        out["metadata"] = OutputMetadataFlags(**out.get("metadata", {}))
-        data["output"] = OutputSection(**out)
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        Types and ranges are checked (ConfigError); hardware rules are not: call validate() for those.
+        """
+        problems: list[Problem] = []
+
+        def report(keypath, message, hint=""):
+            problems.append(Problem(message, key=_dotted(keypath), hint=hint))
+
+        if not isinstance(data, dict):
+            raise ConfigError([Problem(f"a saved plan must be a table, got {type(data).__name__}")])
+        plan = build_section(cls, _known_keys(cls, data), [], report)
+        if problems or plan is None:
+            raise ConfigError(problems, title="Saved training plan is invalid:")
+        return plan
+
+
+def _known_keys(cls, data: dict) -> dict:
+    """`data` without keys `cls` (and its nested sections) does not have: older or newer plans."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            value = data[f.name]
+            if dataclasses.is_dataclass(hints[f.name]) and isinstance(value, dict):
+                value = _known_keys(hints[f.name], value)
+            out[f.name] = value
+    return out
 
 
 HYPERPARAMETER_FIELDS = [f.name for f in dataclasses.fields(HyperparameterSection)]
-OVERRIDABLE = [f.name for f in dataclasses.fields(TrainingConfig)
-               if f.name not in ("preset", "config_path", "expert_name", "expert", "hardware_name",
-                                 "hardware", "dataset_name", "dataset", "dataset_dir", "lora_name",
-                                 "hyperparameters_name", "output")]
+PLAN_IDENTITY = ("preset", "config_path", "expert_name", "expert", "hardware_name", "hardware", "dataset_name",
+                 "dataset", "dataset_dir", "lora_name", "lora", "hyperparameters_name", "output")
+OVERRIDABLE = [f.name for f in dataclasses.fields(TrainingConfig) if f.name not in PLAN_IDENTITY]
 NESTED_OVERRIDABLE = ("lora", "dataset", "expert", "hardware", "output")
+SECTION_OF = {"lora": "lora", "expert": "experts", "dataset": "datasets", "hardware": "hardware"}
+"""Nested plan field → the [section.*] of the file it was copied from."""
 
 
 def resolve(cfg: TrainingFile, preset_name: str, overrides: list[str] | dict | None = None,
@@ -172,20 +194,21 @@ def resolve(cfg: TrainingFile, preset_name: str, overrides: list[str] | dict | N
     if preset_name not in cfg.presets:
         available = ", ".join(sorted(cfg.presets)) or "none"
         raise ConfigError([Problem(f"Preset '{preset_name}' not found{did_you_mean(preset_name, cfg.presets)}",
-                                   hint=f"available presets: {available} (python scripts/train.py --list-presets)")],
-                          title="Error:" if False else "")
+                                   hint=f"available presets: {available} (python scripts/train.py --list-presets)")])
     preset: PresetSection = cfg.presets[preset_name]
+    # load_config guarantees these; a TrainingFile built or edited in Python may not.
+    missing = [Problem(f"{key} '{getattr(preset, key)}' is not defined", key=_dotted(["presets", preset_name, key]),
+                       file=cfg.path, line=cfg.line_of(["presets", preset_name, key]),
+                       hint=f"[{section}.*] has: {', '.join(sorted(getattr(cfg, section))) or 'none defined'}")
+               for key, section in REFERENCES.items() if getattr(preset, key) not in getattr(cfg, section)]
+    if missing:
+        raise ConfigError(missing, title=f"Preset '{preset_name}' cannot run as configured:")
     hw = cfg.hardware[preset.hardware]
     expert = cfg.experts[preset.expert]
     hp: HyperparameterSection = cfg.hyperparameters[preset.hyperparameters]
-    base = Path(cfg.path).resolve().parent if cfg.path and not cfg.path.startswith("<") else Path.cwd()
+    from_file = bool(cfg.path) and not cfg.path.startswith("<")
+    base = Path(cfg.path).resolve().parent if from_file else Path.cwd()
 
-    sequence_length = preset.sequence_length or min(hw.max_sequence_length, expert.context_window)
-    precision = preset.precision
-    if precision == "auto":
-        # bf16 first: same range as fp32, so no loss scaling and no fp16 overflow (Qwen is known to
-        # overflow in fp16); fp16 only where bf16 is missing.
-        precision = "bf16" if hw.supports_bf16 else "fp16" if hw.supports_fp16 else "fp32"
     output = copy.deepcopy(cfg.output)
     for key in ("models_dir", "logs_dir", "checkpoints_dir"):
         setattr(output, key, str(resolve_path(getattr(output, key), base)))
@@ -193,7 +216,7 @@ def resolve(cfg: TrainingFile, preset_name: str, overrides: list[str] | dict | N
         output.registry = str(resolve_path(output.registry, base))
 
     plan = TrainingConfig(
-        preset=preset_name, config_path=str(Path(cfg.path).resolve()) if not cfg.path.startswith("<") else cfg.path,
+        preset=preset_name, config_path=str(Path(cfg.path).resolve()) if from_file else cfg.path,
         expert_name=preset.expert, expert=copy.deepcopy(expert),
         hardware_name=preset.hardware, hardware=copy.deepcopy(hw),
         dataset_name=preset.dataset, dataset=copy.deepcopy(cfg.datasets[preset.dataset]),
@@ -201,25 +224,56 @@ def resolve(cfg: TrainingFile, preset_name: str, overrides: list[str] | dict | N
         lora_name=preset.lora, lora=copy.deepcopy(cfg.lora[preset.lora]),
         hyperparameters_name=preset.hyperparameters, output=output,
         **{k: copy.deepcopy(getattr(hp, k)) for k in HYPERPARAMETER_FIELDS},
-        sequence_length=sequence_length,
+        sequence_length=preset.sequence_length or min(hw.max_sequence_length, expert.context_window),
         batch_size=preset.batch_size or hw.max_batch_size,
         gradient_accumulation=preset.gradient_accumulation or hw.recommended_gradient_accumulation,
         gradient_checkpointing=preset.gradient_checkpointing,
-        precision=precision, packing=preset.packing, device=hw.device,
+        precision=_auto_precision(hw) if preset.precision == "auto" else preset.precision,
+        packing=preset.packing, device=hw.device,
     )
     if preset.report_to is not None:
         plan.report_to = list(preset.report_to)
-    apply_overrides(plan, overrides or [])
-    problems = _type_problems(plan) + (hardware_problems(plan) if check_hardware else [])
+    overridden = apply_overrides(plan, overrides or [])
+
+    def place(problem: Problem, fields, file_key: str) -> Problem:
+        touched = list(dict.fromkeys(overridden[f] for f in fields if f in overridden))
+        if touched:  # the override is to blame, not the file
+            return dataclasses.replace(problem, key=", ".join(f"--set {k}" for k in touched), file="", line=None)
+        return dataclasses.replace(problem, key=file_key, file=cfg.path, line=cfg.line_of(file_key))
+
+    problems = [place(p, (p.key.split("[")[0],), _file_key(plan, cfg, p.key)) for p in _section_problems(plan)]
+    if not problems and check_hardware:
+        problems = [place(p, fields, p.key) for p, fields in _hardware_checks(plan)]
     if problems:
-        raise ConfigError([dataclasses.replace(p, file=p.file or cfg.path) for p in problems],
-                          title=f"Preset '{preset_name}' cannot run as configured:")
+        raise ConfigError(problems, title=f"Preset '{preset_name}' cannot run as configured:")
     return plan
+
+
+def _auto_precision(hw: HardwareProfile) -> str:
+    # bf16 first: same range as fp32, so no loss scaling and no fp16 overflow (Qwen is known to
+    # overflow in fp16); fp16 only where bf16 is missing.
+    return "bf16" if hw.supports_bf16 else "fp16" if hw.supports_fp16 else "fp32"
+
+
+def _file_key(plan: TrainingConfig, cfg: TrainingFile, plan_key: str) -> str:
+    """Where in the file a plan field came from: 'lora.r' → 'lora.minimal.r', 'seed' → 'hyperparameters.X.seed'."""
+    head, _, rest = plan_key.partition(".")
+    if head in SECTION_OF:
+        return _dotted([SECTION_OF[head], getattr(plan, f"{head}_name")]) + "." + rest
+    if head == "output":
+        return plan_key
+    name = head.split("[")[0]
+    if name in HYPERPARAMETER_FIELDS and ("presets", plan.preset, name) not in cfg.locations:
+        return _dotted(["hyperparameters", plan.hyperparameters_name]) + "." + plan_key
+    return _dotted(["presets", plan.preset]) + "." + plan_key
 
 
 def resolve_path(value: str, base: Path) -> Path:
     """`~` expanded; relative paths taken relative to the config file's folder."""
-    p = Path(value).expanduser()
+    try:
+        p = Path(value).expanduser()
+    except RuntimeError:  # '~user' that does not exist, or no home directory: keep it literal
+        p = Path(value)
     return p if p.is_absolute() else (base / p)
 
 
@@ -229,102 +283,154 @@ def parse_override(text: str) -> tuple[str, object]:
         raise ConfigError([Problem(f"override '{text}' is not KEY=VALUE", key="--set",
                                    hint="e.g. --set learning_rate=3e-4 --set lora.r=16")])
     key, raw = (s.strip() for s in text.split("=", 1))
+    if "\n" in raw or "\r" in raw:
+        return key, raw  # one value, never extra TOML lines smuggled in
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (ValueError, RecursionError):  # TOMLDecodeError is a ValueError
         value = raw  # bare word: a string (cosine, bf16, ...)
     return key, value
 
 
-def apply_overrides(plan: TrainingConfig, overrides: list[str] | dict) -> None:
-    """Apply KEY=VALUE overrides (dotted keys reach nested sections), type-checked like the file."""
+def _override_target(plan: TrainingConfig, key: str):
+    """(object, attribute) a dotted override key names, or (None, problem message)."""
+    parts = key.split(".")
+    target = plan
+    for part in parts[:-1]:
+        sections = (NESTED_OVERRIDABLE if target is plan else
+                    [f.name for f in dataclasses.fields(target) if dataclasses.is_dataclass(getattr(target, f.name))])
+        if part not in sections:
+            return None, f"unknown section '{part}'{did_you_mean(part, sections)}"
+        target = getattr(target, part)
+    name = parts[-1]
+    allowed = (OVERRIDABLE if target is plan else
+               [f.name for f in dataclasses.fields(target) if not dataclasses.is_dataclass(getattr(target, f.name))])
+    if name in allowed:
+        return target, name
+    if target is plan and name in NESTED_OVERRIDABLE:
+        first = dataclasses.fields(getattr(plan, name))[0].name
+        return None, f"'{name}' is a section: set one of its keys, e.g. {name}.{first}"
+    suggestion = did_you_mean(name, allowed)
+    if not suggestion and target is plan:  # `r=16` → lora.r
+        nested = [f"{s}.{f.name}" for s in NESTED_OVERRIDABLE for f in dataclasses.fields(getattr(plan, s))]
+        same = [n for n in nested if n.endswith("." + name)]
+        suggestion = f" (did you mean '{same[0]}'?)" if same else did_you_mean(name, nested)
+    return None, f"unknown setting{suggestion}"
+
+
+def apply_overrides(plan: TrainingConfig, overrides: list[str] | dict) -> dict[str, str]:
+    """Apply KEY=VALUE overrides (dotted keys reach nested sections), type-checked like the file.
+
+    Returns {field path: key as the user typed it} of what was set, so later problems can blame it.
+    Paths given on the command line (dataset.path, output.*_dir) are relative to the current directory.
+    """
     items = list(overrides.items()) if isinstance(overrides, dict) else [parse_override(o) for o in overrides]
-    problems = []
+    problems, applied = [], {}
     for key, value in items:
-        target, name = plan, key
-        if "." in key:
-            head, name = key.split(".", 1)
-            if head not in NESTED_OVERRIDABLE:
-                problems.append(Problem(f"unknown section '{head}'{did_you_mean(head, NESTED_OVERRIDABLE)}",
-                                        key=f"--set {key}"))
-                continue
-            target = getattr(plan, head)
-        allowed = [f.name for f in dataclasses.fields(target)] if target is not plan else OVERRIDABLE
-        if name not in allowed:
-            problems.append(Problem(f"unknown setting{did_you_mean(name, allowed)}", key=f"--set {key}",
-                                    hint="settings: " + ", ".join(allowed)))
-            continue
-        if value == "none" and name in ("max_steps", "gradient_checkpointing", "eval_steps"):
-            setattr(target, name, None)
+        key = str(key).strip()
+        target, name = _override_target(plan, key)
+        if target is None:
+            problems.append(Problem(name, key=f"--set {key}", hint="settings: " + ", ".join(OVERRIDABLE)
+                                    + "; nested: " + ", ".join(f"{s}.KEY" for s in NESTED_OVERRIDABLE)))
             continue
         tp = typing.get_type_hints(type(target))[name]
+        optional = type(None) in typing.get_args(tp)
+        if optional and value in ("none", "None", "null"):
+            value = None
+        elif typing.get_origin(tp) is list and isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]  # report_to=wandb,tensorboard
         converted, error = coerce(value, tp, [key])
         if error:
             problems.append(Problem(error, key=f"--set {key}"))
-        else:
-            setattr(target, name, converted)
+            continue
+        setattr(target, name, converted)
+        applied[key] = key
+        if target is plan.dataset and name == "path":
+            plan.dataset_dir = str(resolve_path(converted, Path.cwd()))
+        elif target is plan.output and name in ("models_dir", "logs_dir", "checkpoints_dir", "registry") and converted:
+            setattr(target, name, str(resolve_path(converted, Path.cwd())))
     if problems:
         raise ConfigError(problems, title="Invalid --set override:")
+    if plan.precision == "auto":
+        plan.precision = _auto_precision(plan.hardware)
+    return applied
 
 
-def _type_problems(plan: TrainingConfig) -> list[Problem]:
-    """Types and ranges of every field, via the same section checks the loader uses."""
-    problems = []
-    hints = typing.get_type_hints(TrainingConfig)
-    for f in dataclasses.fields(TrainingConfig):
-        value = getattr(plan, f.name)
-        if value is None and "None" in str(hints[f.name]):
-            continue
-        _, error = coerce(value, hints[f.name], [f.name])
+def _typecheck(obj, prefix: str, problems: list[Problem]) -> None:
+    """Check (and normalise in place) every field of dataclass `obj`, nested sections included."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        converted, where, error = coerce_at(value, hints[f.name], [f.name])
         if error:
-            problems.append(Problem(error, key=f.name))
+            problems.append(Problem(error, key=prefix + f.name + "".join(where)))
+        elif dataclasses.is_dataclass(value):
+            _typecheck(value, f"{prefix}{f.name}.", problems)
+        else:
+            setattr(obj, f.name, converted)
+
+
+def _section_problems(plan: TrainingConfig) -> list[Problem]:
+    """Types first (a wrong type would break the range checks), then the same ranges the loader checks."""
+    problems: list[Problem] = []
+    _typecheck(plan, "", problems)
     if problems:
         return problems
+    if plan.precision == "auto":
+        plan.precision = _auto_precision(plan.hardware)
     hp = HyperparameterSection(**{k: getattr(plan, k) for k in HYPERPARAMETER_FIELDS})
     checks = [("", c) for c in hp.check()]
-    checks += [("lora.", c) for c in plan.lora.check()] + [("dataset.", c) for c in plan.dataset.check()]
-    checks += [("expert.", c) for c in plan.expert.check()]
+    for name in ("lora", "dataset", "expert", "hardware", "output"):
+        checks += [(f"{name}.", c) for c in getattr(plan, name).check()]
     for name in ("sequence_length", "batch_size", "gradient_accumulation"):
         if getattr(plan, name) <= 0:
             checks.append(("", (name, f"must be > 0, got {getattr(plan, name)}")))
     checks += [("", c) for c in _one_of(plan, "precision", [p for p in PRECISIONS if p != "auto"])]
-    for prefix, (key, message) in checks:
-        problems.append(Problem(message, key=prefix + key))
-    for backend in plan.report_to:
-        if backend not in REPORT_BACKENDS:
-            problems.append(Problem(f"unknown tracker '{backend}'", key="report_to"))
-    return problems
+    checks += [("", c) for c in _one_of(plan, "device", DEVICES)]
+    return [Problem(message, key=prefix + key) for prefix, (key, message) in checks]
 
 
 def hardware_problems(plan: TrainingConfig) -> list[Problem]:
     """The profile's limits, applied to the plan; each message says what to change."""
-    hw, p = plan.hardware, f"presets.{plan.preset}"
+    return [problem for problem, _ in _hardware_checks(plan)]
+
+
+def _hardware_checks(plan: TrainingConfig) -> list[tuple[Problem, tuple[str, ...]]]:
+    """Each hardware problem with the plan fields that cause it (to blame an override when one did)."""
+    hw, p = plan.hardware, _dotted(["presets", plan.preset])
     out = []
     if hw.status != "available":
-        out.append(Problem(f"Hardware {hw.name} is unsupported: {hw.reason or 'status = ' + repr(hw.status)}",
-                           key=f"hardware.{plan.hardware_name}.status",
-                           hint="pick a preset on another hardware profile (--list-presets)"))
+        out.append((Problem(f"Hardware {hw.name} is unsupported: {hw.reason or 'status = ' + repr(hw.status)}",
+                            key=_dotted(["hardware", plan.hardware_name, "status"]),
+                            hint="pick a preset on another hardware profile (--list-presets)"),
+                    ("hardware.status", "hardware.reason")))
     if plan.batch_size > hw.max_batch_size:
-        out.append(Problem(f"batch_size {plan.batch_size} exceeds {plan.hardware_name}'s max_batch_size "
-                           f"{hw.max_batch_size}", key=f"{p}.batch_size",
-                           hint=f"use batch_size <= {hw.max_batch_size} and raise gradient_accumulation instead"))
+        out.append((Problem(f"batch_size {plan.batch_size} exceeds {plan.hardware_name}'s max_batch_size "
+                            f"{hw.max_batch_size}", key=f"{p}.batch_size",
+                            hint=f"use batch_size <= {hw.max_batch_size} and raise gradient_accumulation instead"),
+                    ("batch_size", "hardware.max_batch_size")))
     if plan.sequence_length > hw.max_sequence_length:
-        out.append(Problem(f"sequence_length {plan.sequence_length} exceeds {plan.hardware_name}'s "
-                           f"max_sequence_length {hw.max_sequence_length}", key=f"{p}.sequence_length",
-                           hint=f"use sequence_length <= {hw.max_sequence_length}, or a profile with more memory"))
+        out.append((Problem(f"sequence_length {plan.sequence_length} exceeds {plan.hardware_name}'s "
+                            f"max_sequence_length {hw.max_sequence_length}", key=f"{p}.sequence_length",
+                            hint=f"use sequence_length <= {hw.max_sequence_length}, or a profile with more memory"),
+                    ("sequence_length", "hardware.max_sequence_length")))
     if plan.sequence_length > plan.expert.context_window:
-        out.append(Problem(f"sequence_length {plan.sequence_length} exceeds expert {plan.expert_name}'s "
-                           f"context_window {plan.expert.context_window}", key=f"{p}.sequence_length"))
+        out.append((Problem(f"sequence_length {plan.sequence_length} exceeds expert {plan.expert_name}'s "
+                            f"context_window {plan.expert.context_window}", key=f"{p}.sequence_length",
+                            hint=f"use sequence_length <= {plan.expert.context_window}"),
+                    ("sequence_length", "expert.context_window")))
     if plan.lora.r > hw.max_lora_rank:
-        out.append(Problem(f"LoRA rank r={plan.lora.r} (lora.{plan.lora_name}) exceeds {plan.hardware_name}'s "
-                           f"max_lora_rank {hw.max_lora_rank}", key=f"{p}.lora",
-                           hint=f"use a [lora.*] config with r <= {hw.max_lora_rank}"))
+        out.append((Problem(f"LoRA rank r={plan.lora.r} (lora.{plan.lora_name}) exceeds {plan.hardware_name}'s "
+                            f"max_lora_rank {hw.max_lora_rank}", key=f"{p}.lora",
+                            hint=f"use a [lora.*] config with r <= {hw.max_lora_rank}"),
+                    ("lora.r", "hardware.max_lora_rank")))
     if plan.gradient_checkpointing and not hw.supports_gradient_checkpointing:
-        out.append(Problem(f"gradient checkpointing is not supported on {hw.name}",
-                           key=f"{p}.gradient_checkpointing", hint="set gradient_checkpointing = false"))
-    if plan.precision == "bf16" and not hw.supports_bf16:
-        out.append(Problem(f"bf16 is not supported on {hw.name} (supports_bf16 = false)", key=f"{p}.precision",
-                           hint="use precision = \"auto\", \"fp16\" or \"fp32\""))
-    if plan.precision == "fp16" and not hw.supports_fp16:
-        out.append(Problem(f"fp16 is not supported on {hw.name} (supports_fp16 = false)", key=f"{p}.precision"))
+        out.append((Problem(f"gradient checkpointing is not supported on {hw.name}",
+                            key=f"{p}.gradient_checkpointing", hint="set gradient_checkpointing = false"),
+                    ("gradient_checkpointing", "hardware.supports_gradient_checkpointing")))
+    for precision in ("bf16", "fp16"):
+        if plan.precision == precision and not getattr(hw, f"supports_{precision}"):
+            out.append((Problem(f"{precision} is not supported on {hw.name} (supports_{precision} = false)",
+                                key=f"{p}.precision", hint='use precision = "auto" (picks what the profile supports)'),
+                        ("precision", f"hardware.supports_{precision}")))
     return out

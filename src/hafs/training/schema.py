@@ -11,6 +11,8 @@ from __future__ import annotations
 import string
 from dataclasses import dataclass, field
 
+from .keypaths import nearest_line, split_dotted
+
 DEVICES = ("cpu", "cuda", "mps", "auto")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 EVAL_STRATEGIES = ("no", "steps", "epoch")
@@ -406,23 +408,6 @@ class TrainingFile:
         if isinstance(keypath, str):
             keypath = split_dotted(keypath)
         return nearest_line(self.locations, keypath)
-
-
-def nearest_line(index: dict[tuple[str, ...], int], keypath) -> int | None:
-    """Line of the longest prefix of `keypath` found in `index` (list indices like '[0]' included)."""
-    parts = tuple(keypath)
-    for end in range(len(parts), 0, -1):
-        if parts[:end] in index:
-            return index[parts[:end]]
-    return None
-
-
-def split_dotted(key: str) -> list[str]:
-    """Inverse of the loader's dotted key paths: 'presets."a.b".lora[0]' → ['presets', 'a.b', 'lora', '[0]']."""
-    import re
-
-    return [m.group(1) if m.group(1) is not None else m.group(2) or m.group(3)
-            for m in re.finditer(r'"([^"]*)"|(\[\d+\])|([^."\[]+)', key)]
 
 
 # Named tables of the file: section name → class of each entry.
