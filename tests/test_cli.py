@@ -1,0 +1,91 @@
+"""The command line as a user meets it: exit codes, messages without tracebacks, instant listings."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = [sys.executable, str(ROOT / "scripts" / "train.py")]
+SEED = ROOT.parent / "shared" / "seed" / "original-training.toml"
+CORPUS = sorted((ROOT / "tests" / "configs").glob("*.toml"))
+
+
+def run(args, **kw):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    return subprocess.run(TRAIN + args, capture_output=True, text=True, cwd=ROOT, env=env, timeout=120, **kw)
+
+
+def test_list_presets_is_instant_and_imports_nothing_heavy():
+    code = ("import sys, time; t=time.time(); sys.argv=['train.py','--list-presets'];"
+            "from hafs.training.cli import train_script_main; train_script_main();"
+            "heavy=[m for m in ('torch','transformers','peft','numpy') if m in sys.modules];"
+            "print('HEAVY', heavy, time.time()-t)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, timeout=60)
+    assert out.returncode == 0, out.stderr
+    line = [x for x in out.stdout.splitlines() if x.startswith("HEAVY")][0]
+    assert "HEAVY []" in line, line
+    assert float(line.split()[-1]) < 1.0
+    assert "demo" in out.stdout and "oracle-rauru-mac" in out.stdout
+
+
+@pytest.mark.parametrize("what", ["presets", "experts", "hardware", "datasets"])
+def test_lists_as_json(what):
+    out = run([f"--list-{what}", "--json"])
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert len(data) >= 3
+
+
+@pytest.mark.skipif(not SEED.exists(), reason="seed config not present")
+def test_users_original_config_lists_five_presets_and_flags_farore():
+    out = run(["--config", str(SEED), "--list-presets"])
+    assert out.returncode == 0, out.stderr
+    for name in ("oracle-rauru-mac", "oracle-rauru-windows", "oracle-rauru-cloud", "oracle-farore-windows",
+                 "oracle-sheik-mac"):
+        assert name in out.stdout
+    farore = [line for line in out.stdout.splitlines() if line.startswith("oracle-farore-windows")][0]
+    assert "INVALID" in farore and "4096" in farore and "2048" in farore
+    out = run(["--config", str(SEED), "oracle-farore-windows", "--dry-run"])
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert "original-training.toml:" in out.stderr and "max_sequence_length 2048" in out.stderr
+
+
+def test_unknown_preset_says_not_found_with_choices():
+    out = run(["oracle-rauru-macc"])
+    assert out.returncode == 2
+    assert "Error: Preset 'oracle-rauru-macc' not found" in out.stderr
+    assert "did you mean 'oracle-rauru-mac'" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("path", CORPUS[::6], ids=lambda p: p.stem)
+def test_broken_configs_exit_2_without_traceback(path):
+    out = run(["--config", str(path), "--list-presets"])
+    if out.returncode == 0:  # a file that only fails when its preset is resolved
+        out = run(["--config", str(path), "run", "--dry-run"])
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert "Traceback" not in out.stderr and str(path.name) in out.stderr
+
+
+def test_bad_override_is_a_located_error():
+    out = run(["demo", "--dry-run", "--set", "batch_size=abc", "--set", "learnig_rate=1"])
+    assert out.returncode == 2
+    assert "--set batch_size" in out.stderr and "learning_rate" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_hafs_console_script_shares_the_implementation():
+    from hafs.training.cli import main
+
+    assert main(["list", "presets", "--json"]) == 0
+    assert main(["validate"]) == 0
+    assert main(["show", "no-such-preset"]) == 2
