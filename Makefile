@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 # PyTorch goes in first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build on
 # a CPU-only Linux box. On a CUDA machine: make demo TORCH="torch --index-url https://download.pytorch.org/whl/cu128"
 TORCH  ?= torch==2.13.0
-EXTRAS ?= test,bench,plots,registry,tensorboard,tune
+EXTRAS ?= test,bench,plots,registry,tensorboard,wandb,mlflow,tune
 PIP    := $(PY) -m pip install -q --disable-pip-version-check
 
 .PHONY: install demo test test-fast bench clean

@@ -99,11 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p = sub.add_parser("merge", help="merge a LoRA adapter into its base model")
     p.add_argument("model_dir"), p.add_argument("--out", required=True)
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="dtype of the merged weights (default: the base model's)")
     _common(p)
     p = sub.add_parser("export", help="export a trained model for llama.cpp / Ollama")
     p.add_argument("model_dir"), p.add_argument("--format", choices=["gguf", "ollama"], default="gguf")
     p.add_argument("--outtype", choices=["f16", "q8_0", "f32", "bf16"], default="f16")
-    p.add_argument("--register", action="store_true", help="record the export in the model registry")
+    reg = p.add_mutually_exclusive_group()
+    reg.add_argument("--register", dest="register", action="store_true", default=None,
+                     help="record the export in the model registry (default: when [output] registry is set)")
+    reg.add_argument("--no-register", dest="register", action="store_false")
     _common(p)
     p = sub.add_parser("launch", help="train a preset on a cloud GPU with SkyPilot")
     p.add_argument("preset"), p.add_argument("--cloud", choices=["runpod", "lambda"], default="runpod")
