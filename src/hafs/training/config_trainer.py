@@ -33,13 +33,15 @@ class ConfigTrainer:
 
     def train(self, preset: str, overrides: list[str] | dict | None = None, **options) -> Path:
         """Train a preset; returns the model directory. Options: see `train_with_config`."""
-        return self.train_with_config(self.build_training_config(preset, overrides), **options)
+        listed = overrides if isinstance(overrides, list) else [f"{k}={v}" for k, v in (overrides or {}).items()]
+        return self.train_with_config(self.build_training_config(preset, overrides), overrides=listed, **options)
 
     def train_with_config(self, config: TrainingConfig, *, resume: str | None = None, force: bool = False,
-                          evaluate: bool = True, register: bool | None = None) -> Path:
+                          evaluate: bool = True, register: bool | None = None,
+                          overrides: list[str] | None = None) -> Path:
         """Validate `config` again (it may have been edited) and run it; returns the model directory."""
         from .recipe import RunOptions, run
 
         config.validate()
         return run(config, RunOptions(resume=resume, force=force, evaluate=evaluate, register=register,
-                                      verbose=self.verbose), log=self.log)
+                                      verbose=self.verbose, overrides=list(overrides or [])), log=self.log)

@@ -133,12 +133,13 @@ def _token_lengths(plan, train, report):
         from .model_loading import load_tokenizer
 
         tok = load_tokenizer(plan, local_only=True)
-        lengths = tokenize_split(train, plan, tok).lengths()
+        lengths = tokenize_split(train, plan, tok).lengths
         report.numbers["training tokens"] = int(lengths.sum())
         return lengths
     except Exception as exc:  # no tokenizer offline: estimate from characters (~3.5 chars per token)
         report.notes.append(f"tokenizer not available offline ({type(exc).__name__}); token counts are estimates")
-        chars = np.array([len(s.char_text()) for s in train.rows])
+        chars = np.array([len(s.instruction) + len(s.input) + len(s.output) + len(s.text) + 200
+                          + sum(len(str(m.get("content", ""))) for m in (s.messages or [])) for s in train.rows])
         lengths = np.minimum(np.ceil(chars / 3.5).astype(np.int64) + 1, plan.sequence_length)
         report.numbers["training tokens (est.)"] = int(lengths.sum())
         return lengths

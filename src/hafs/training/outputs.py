@@ -165,7 +165,10 @@ def build_metadata(plan, *, num_samples: int, duration_seconds: float, hardware_
         "metadata": {"created": created.isoformat(), "git_commit": git_commit() if flags.include_git_commit else None},
     }
     if flags.include_hardware_info:
-        meta["hardware"].update(hardware_info)
+        info = dict(hardware_info)
+        if "device" in info:  # the seed's "device" is the kind (mps, cuda, cpu); keep the description too
+            info["device_name"] = info.pop("device")
+        meta["hardware"].update(info)
     if flags.include_hyperparameters:
         meta["config"] = plan.to_dict()
     for key, value in (extra or {}).items():

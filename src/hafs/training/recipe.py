@@ -1,4 +1,4 @@
-"""One training run, top to bottom: check → data → model → train → save → evaluate.
+"""One training run, top to bottom: check → data → model → train → save → evaluate → register.
 
 Like torchtune's recipes, this file reads as a straight line; each step is a call into the module
 that owns it. Everything that can fail because of the user's input or machine fails in step 1,
@@ -7,14 +7,10 @@ before a model is downloaded or loaded.
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import HardwareError, TrainingError
 from .plan import TrainingConfig
 
 
@@ -32,89 +28,93 @@ class RunOptions:
     """Update the user's model registry (None: when [output] registry is set)."""
     verbose: bool = False
     """More output."""
+    overrides: list[str] = field(default_factory=list)
+    """The --set overrides, repeated in the printed resume command."""
 
 
 def run(plan: TrainingConfig, opts: RunOptions, log=print) -> Path:
-    from . import checkpoint, data, engine, faults, hardware, memory, model_loading, outputs
+    from . import checkpoint, data, engine, faults, hardware, memory, model_loading, outputs, tokenize
 
     # 1. Fail fast: machine, data and memory are checked before any model is loaded.
     caps = hardware.detect()
     pre = hardware.preflight(plan, caps)
     for note in pre.notes:
         log(f"note: {note}")
-    if pre.problems:
-        raise HardwareError(pre.problems, title=f"Preset '{plan.preset}' cannot run on this machine:")
+    pre.raise_for_problems(plan.preset)
     settings = engine.run_settings(plan, caps)
-    raw = {split: data.read_split(plan, split) for split in ("train", "val", "test")}
-    for split, r in raw.items():
-        log(r.stats.summary() if r is not None else f"{split}: no {split} split; skipped")
-    estimate = memory.check_plan(plan, settings, force=opts.force, log=log)
+    train_raw = data.read_split(plan, "train")  # bad rows / missing files are reported here
+    fingerprint = train_raw.stats.sha256
+    estimate = memory.check_plan(plan, settings, force=opts.force, log=log, caps=caps)
 
     # 2. Where this run lives: a fresh run directory, or the one we resume.
     point = checkpoint.find_resume(plan, opts.resume, force=opts.force, log=log,
-                                   dataset_fingerprint=raw["train"].stats.sha256) if opts.resume else None
+                                   dataset_fingerprint=fingerprint) if opts.resume else None
     run_dir = point.run_dir if point else Path(plan.output.checkpoints_dir) / outputs.run_id(plan)
 
-    # 3. Model, tokenizer, adapter and tokenized data.
-    model, tokenizer = model_loading.load_model_and_tokenizer(plan, settings.device, settings.precision)
-    prepared = data.prepare_from_raw(raw, plan, tokenizer, log=log)
+    # 3. Model, tokenizer, tokenized data, adapter.
+    model, tokenizer = model_loading.load_model_and_tokenizer(plan, settings.device, settings.precision,
+                                                             settings, log=log)
+    prepared = tokenize.prepare_data(plan, tokenizer, log=log)
     model = model_loading.apply_lora(model, plan, settings)
     batches = engine.BatchSource(prepared.train, plan, tokenizer, settings)
     total_steps = plan.total_steps(batches.micro_batches_per_epoch())
-    engine.print_plan(plan, settings, prepared, total_steps, estimate, log=log)
+    engine.print_plan(plan, settings, prepared, total_steps, estimate, log=log, model=model)
 
     # 4. Optimiser, schedule, state (restored when resuming).
-    optimizer = engine.build_optimizer(model, plan)
+    optimizer = engine.build_optimizer(model, plan, settings)
     scheduler = engine.build_scheduler(optimizer, plan, total_steps)
     state = engine.TrainState(total_steps=total_steps)
     if point:
         state = checkpoint.restore(point, model=model, optimizer=optimizer, scheduler=scheduler)
+        state.total_steps = total_steps  # a resume may raise max_steps
         log(f"Resumed from {point.path} at step {state.step}")
 
     # 5. Train, with checkpoints, trackers, evaluation and signal handling around the loop.
-    evaluator = _evaluator(plan, prepared, tokenizer, settings, opts)
-    before = evaluator.run(model, "before") if evaluator and state.step == 0 else None
-    trackers = _trackers(plan, run_dir)
-    with faults.SignalGuard() as guard:
-        hooks = engine.Hooks(
-            on_log=lambda st, m: trackers.log(st.step, m),
-            on_save=lambda st: checkpoint.save_checkpoint(run_dir, model=model, optimizer=optimizer,
-                                                          scheduler=scheduler, state=st, plan=plan,
-                                                          dataset_fingerprint=raw["train"].stats.sha256),
-            should_stop=guard.should_stop,
-            on_eval=lambda st, m: trackers.log(st.step, m),
-        )
-        started = time.time()
+    from .evaluate import Evaluator
+
+    evaluator = Evaluator(plan, prepared, tokenizer, settings)
+    before = evaluator.run(model, "before") if opts.evaluate and state.step == 0 else None
+    trackers = _trackers(plan, run_dir, log)
+
+    def save(st):
+        return checkpoint.save_checkpoint(run_dir, model=model, optimizer=optimizer, scheduler=scheduler,
+                                          state=st, plan=plan, dataset_fingerprint=fingerprint)
+
+    slow = faults.slow_step_seconds()  # tests slow steps down to kill a run mid-way
+    with faults.SignalGuard(log=log) as guard:
+        hooks = engine.Hooks(on_step=(lambda st, m: time.sleep(slow)) if slow else None,
+                             on_log=lambda st, m: trackers.log(st.step, m),
+                             on_eval=lambda st, m: trackers.log(st.step, m),
+                             on_save=save if plan.save_steps else None, should_stop=guard.should_stop)
         try:
             state = engine.train(model, optimizer, scheduler, batches, plan, state, hooks,
-                                 eval_fn=evaluator.val_loss if evaluator else None, settings=settings)
+                                 eval_fn=evaluator.val_loss, settings=settings)
         except BaseException as exc:
-            trackers.close()
+            trackers.close(failed=True)
             raise faults.translate(exc, plan, state, run_dir, estimate) from None
         if guard.stopped:
-            path = checkpoint.save_checkpoint(run_dir, model=model, optimizer=optimizer, scheduler=scheduler,
-                                              state=state, plan=plan,
-                                              dataset_fingerprint=raw["train"].stats.sha256)
-            trackers.close()
-            raise faults.interrupted(plan, state, path, guard.signal)
-        duration = time.time() - started + (point.elapsed if point else 0.0)
+            path = save(state)
+            trackers.close(failed=True)
+            raise faults.interrupted(plan, state, path, guard.signal, overrides=opts.overrides)
 
     # 6. Save: stage everything, write metadata.json last, rename into place (never overwrite).
     name = outputs.model_dir_name(plan)
     staged = outputs.staging_dir(Path(plan.output.models_dir), name)
     model_loading.save_adapter(model, tokenizer, staged)
-    after = evaluator.run(model, "after") if evaluator else None
-    evaluation = evaluator.write(staged, before, after) if evaluator else None
-    _plot(state, staged, log)
+    after = evaluator.run(model, "after") if opts.evaluate else None
+    evaluation = evaluator.write(staged, before, after) if opts.evaluate else None
+    _plot(state, staged, plan, log)
     meta = outputs.build_metadata(
-        plan, num_samples=len(prepared.train), duration_seconds=duration,
+        plan, num_samples=len(prepared.train), duration_seconds=state.elapsed_seconds,
         hardware_info=caps.summary(settings), extra={
             "training": {"tokens_trained": state.tokens, "optimizer_steps": state.step,
-                         "final_loss": state.last_loss(), "precision": settings.precision,
-                         "resumed_from": str(point.path) if point else None},
-            "dataset_stats": {s: (r.stats.to_dict() if r else None) for s, r in raw.items()},
+                         "final_loss": state.last_loss(), "best_eval_loss": state.best_eval(),
+                         "precision": settings.precision, "resumed_from": str(point.path) if point else None},
+            "resume": point.to_metadata() if point else None,
+            "run_settings": settings.to_dict(),
+            "dataset_stats": prepared.stats() if plan.output.metadata.include_dataset_stats else None,
             "losses": {"train": state.loss_history, "eval": state.eval_history},
-            "evaluation": evaluation, "memory_estimate_gb": estimate.total_gb if estimate else None,
+            "evaluation": evaluation, "memory_estimate_gb": round(estimate.total_gb, 3) if estimate else None,
             "versions": engine.library_versions(), "run_dir": str(run_dir),
         })
     outputs.atomic_write_json(staged / "metadata.json", meta)
@@ -130,22 +130,16 @@ def run(plan: TrainingConfig, opts: RunOptions, log=print) -> Path:
     return final
 
 
-def _evaluator(plan, prepared, tokenizer, settings, opts):
-    if not opts.evaluate:
-        return None
-    from .evaluate import Evaluator
-
-    return Evaluator(plan, prepared, tokenizer, settings)
-
-
-def _trackers(plan, run_dir):
+def _trackers(plan, run_dir: Path, log):
     from .trackers import open_trackers
 
-    return open_trackers(plan.report_to, run_name=run_dir.name, log_dir=Path(plan.output.logs_dir) / run_dir.name,
-                         config=plan.to_dict())
+    logs = Path(plan.output.logs_dir)
+    return open_trackers(plan.report_to, run_name=run_dir.name, log_dir=logs / run_dir.name,
+                         config=plan.to_dict(), mlflow_uri=f"sqlite:///{logs.resolve() / 'mlflow.db'}", log=log)
 
 
-def _plot(state, staged, log) -> None:
+def _plot(state, staged: Path, plan, log) -> None:
     from .plots import plot_losses
 
-    plot_losses(state.loss_history, state.eval_history, staged / "loss_curve.png", log=log)
+    plot_losses(state.loss_history, state.eval_history, staged / "loss_curve.png",
+                title=f"{plan.preset}: {plan.expert.display_name}", log=log)

@@ -1,0 +1,187 @@
+"""The training loss: cross-entropy on labelled positions only, without full [B, T, V] logits.
+
+A causal LM predicts token t+1 from the hidden state at t, so the positions that matter are the
+ones whose *shifted* label is not -100 (responses and EOS; never prompts or padding). We run the
+decoder, gather those hidden states (N of them, usually a fraction of B*T) and apply the LM head
+and the cross-entropy in chunks of `chunk_size` rows. Logits for prompt and padding positions are
+never computed, and at most one chunk of logits exists at a time, so memory is flat in vocabulary
+size (Qwen2.5's 151,936-token head is 1.2 GB of fp32 logits for 2,048 tokens otherwise).
+
+`fused_linear_cross_entropy` computes the gradient of each chunk during the forward pass (as
+Liger's fused linear cross-entropy does): the chunk's logits are freed at once instead of being
+kept for backward, and backward is one multiply. The loss is SUM-reduced: the engine divides by
+the number of labelled tokens in the whole optimizer step, so every token weighs the same however
+the tokens fall into micro-batches.
+"""
+
+from __future__ import annotations
+
+IGNORE_INDEX = -100
+"""Label of positions that are not trained on."""
+LOGITS_BUDGET = 1 << 23
+"""Elements of one chunk of fp32 logits (32 MiB): a few hundred rows for a 150k vocabulary."""
+# Families whose logits are exactly `lm_head(final hidden state)`: no softcapping, no logit scale.
+# Others (Gemma 2/3 softcap, Cohere/Granite scale, ...) take the plain path through the model.
+PLAIN_HEAD_MODEL_TYPES = frozenset({
+    "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "llama", "mistral", "mixtral", "phi3", "starcoder2",
+    "olmo", "olmo2", "smollm3", "gpt_neox", "stablelm", "deepseek_v3",
+})
+
+
+def default_chunk_size(vocab_size: int) -> int:
+    """Rows per chunk: LOGITS_BUDGET / vocab, a multiple of 64 between 128 and 4096."""
+    rows = LOGITS_BUDGET // max(1, vocab_size)
+    return max(128, min(4096, rows // 64 * 64))
+
+
+def count_labelled(labels) -> int:
+    """Positions the loss is computed on: shifted labels that are not IGNORE_INDEX."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def select_labelled(hidden, labels):
+    """(hidden states [N, d], targets [N]) of the positions whose next token is labelled.
+
+    `labels` are unshifted (HF convention): the hidden state at t is scored against labels[t + 1].
+    """
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    return hidden[:, :-1][keep], targets[keep]
+
+
+def fused_linear_cross_entropy(hidden, weight, targets, *, bias=None, chunk_size: int | None = None,
+                               compute_dtype=None):
+    """sum_i CE(hidden[i] @ weight.T + bias, targets[i]), chunked; differentiable in hidden (and weight, bias).
+
+    `compute_dtype` is the dtype of the two matmuls (default: the weight's); softmax and the sum are
+    always fp32. Gradients are computed chunk by chunk in the forward pass when autograd needs them.
+    """
+    import torch
+
+    if hidden.shape[0] == 0:
+        return (hidden.sum() * 0.0).float()
+    chunk = chunk_size or default_chunk_size(weight.shape[0])
+    dtype = compute_dtype or weight.dtype
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if not needs_grad:
+        with torch.no_grad():
+            return _chunks(hidden, weight, bias, targets, chunk, dtype, grads=False)[0]
+    return _FusedLinearCE.apply(hidden, weight, bias, targets, chunk, dtype)
+
+
+def _chunks(hidden, weight, bias, targets, chunk: int, dtype, grads: bool):
+    """Loss sum, and the gradients of hidden / weight / bias when `grads`."""
+    import torch
+
+    w = weight.to(dtype)
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    grad_h = torch.empty_like(hidden) if grads and hidden.requires_grad else None
+    grad_w = torch.zeros_like(weight, dtype=torch.float32) if grads and weight.requires_grad else None
+    grad_b = torch.zeros_like(bias, dtype=torch.float32) if grads and bias is not None and bias.requires_grad else None
+    # Autocast off: the casts are explicit, and the softmax must stay fp32 whatever the context.
+    with torch.autocast(hidden.device.type, enabled=False):
+        for start in range(0, hidden.shape[0], chunk):
+            h = hidden[start:start + chunk].to(dtype)
+            t = targets[start:start + chunk]
+            logits = (h @ w.T).float()
+            if bias is not None:
+                logits += bias.float()
+            picked = logits.gather(1, t[:, None]).squeeze(1)
+            # In place: max, exp, sum, divide on the one buffer -> probabilities (softmax) and lse.
+            peak = logits.amax(dim=1, keepdim=True)
+            probs = logits.sub_(peak).exp_()
+            norm = probs.sum(dim=1, keepdim=True)
+            total += (norm.log() + peak).squeeze(1).sub(picked).sum()
+            if not grads:
+                continue
+            # d CE / d logits = softmax - onehot(target)
+            probs.div_(norm)
+            probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+            d_logits = probs.to(dtype)
+            if grad_h is not None:
+                grad_h[start:start + chunk] = (d_logits @ w).to(hidden.dtype)
+            if grad_w is not None:
+                grad_w += (d_logits.T @ h).float()
+            if grad_b is not None:
+                grad_b += probs.sum(0)
+    return total, grad_h, grad_w, grad_b
+
+
+def _make_function():
+    import torch
+
+    class FusedLinearCE(torch.autograd.Function):
+        """Loss in forward with the gradients precomputed; backward scales them by the incoming grad."""
+
+        @staticmethod
+        def forward(ctx, hidden, weight, bias, targets, chunk, dtype):
+            total, grad_h, grad_w, grad_b = _chunks(hidden, weight, bias, targets, chunk, dtype, grads=True)
+            ctx.save_for_backward(grad_h, grad_w, grad_b)
+            ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+            return total
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            grad_h, grad_w, grad_b = ctx.saved_tensors
+            g = grad_out
+            gh = None if grad_h is None else grad_h * g.to(grad_h.dtype)
+            gw = None if grad_w is None else (grad_w * g).to(ctx.dtypes[0])
+            gb = None if grad_b is None else (grad_b * g).to(ctx.dtypes[1])
+            return gh, gw, gb, None, None, None
+
+    return FusedLinearCE
+
+
+class _Lazy:
+    """Builds the autograd.Function on first use so importing this module does not import torch."""
+
+    fn = None
+
+    def apply(self, *args):
+        if _Lazy.fn is None:
+            _Lazy.fn = _make_function()
+        return _Lazy.fn.apply(*args)
+
+
+_FusedLinearCE = _Lazy()
+
+
+def plain_head(model) -> bool:
+    """Whether `model`'s logits are `lm_head(decoder(x))` with a frozen plain Linear head.
+
+    Then `causal_lm_loss` may skip the model's own head; otherwise (a LoRA on lm_head, a trained
+    head, softcapped or scaled logits) it runs the model whole.
+    """
+    import torch
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    return (getattr(base.config, "model_type", None) in PLAIN_HEAD_MODEL_TYPES
+            and type(head) is torch.nn.Linear and not getattr(base.config, "final_logit_softcapping", None))
+
+
+def causal_lm_loss(model, batch: dict, *, chunk_size: int | None = None, compute_dtype=None, plain: bool | None = None):
+    """(summed cross-entropy over labelled positions, number of them) for one micro-batch.
+
+    `batch` holds input_ids, labels and position_ids (no attention mask: packed examples are kept
+    apart through position_ids). The loss tensor is fp32; divide it by the step's token count.
+    """
+    import torch
+
+    labels = batch["labels"]
+    n = count_labelled(labels)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if plain is None:
+        plain = plain_head(model)
+    if plain:
+        hidden = base.get_decoder()(**inputs, use_cache=False).last_hidden_state
+        head = base.get_output_embeddings()
+        h, targets = select_labelled(hidden, labels)
+        loss = fused_linear_cross_entropy(h, head.weight, targets, bias=head.bias, chunk_size=chunk_size,
+                                          compute_dtype=compute_dtype or hidden.dtype)
+        return loss, n
+    logits = model(**inputs, use_cache=False).logits
+    h, targets = select_labelled(logits, labels)
+    return torch.nn.functional.cross_entropy(h.float(), targets, reduction="sum"), n

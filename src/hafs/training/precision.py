@@ -1,0 +1,189 @@
+"""How a plan runs on this machine: precision and the speed options that interact with it.
+
+Every option that depends on another (precision ⇒ weight dtype ⇒ autocast ⇒ loss scaling; device ⇒
+attention kernel ⇒ dropout kernel) is settled here, once, by `run_settings`, with the reason next
+to each decision. The engine, the model loader and the memory check read the resulting
+`RunSettings`; none of them re-derives a setting. The figures quoted are from bench/bench_train.py.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import asdict, dataclass, field
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+VARLEN_ATTENTION = "hafs_varlen_sdpa"
+"""Name under which model_loading registers its per-example SDPA (packed rows without a T×T mask)."""
+
+
+@dataclass
+class RunSettings:
+    """The resolved way to run one plan here. Plain data: printed, stored in metadata, passed around."""
+
+    device: str = "cpu"
+    """Torch device: cpu, cuda (or cuda:N) or mps."""
+    precision: str = "fp32"
+    """Compute precision actually used: bf16, fp16 or fp32."""
+    weight_dtype: str = "float32"
+    """dtype of the frozen base weights (LoRA parameters are always fp32)."""
+    autocast_dtype: str | None = None
+    """dtype of torch.autocast around forward (None: no autocast)."""
+    grad_scaler: bool = False
+    """Scale the loss (fp16 only: its range is too small for small gradients)."""
+    attn_implementation: str = "sdpa"
+    """transformers attention implementation."""
+    packing: bool = True
+    """Pack several examples per row (else one example per row, rows of similar length batched)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward (non-reentrant); memory for time."""
+    loss_chunk_size: int | None = None
+    """Labelled tokens per lm_head/cross-entropy chunk (None: sized by vocabulary)."""
+    fast_dropout: bool = False
+    """Replace LoRA's nn.Dropout with hafs' cheaper-RNG dropout (same keep probability)."""
+    liger: bool = False
+    """Apply Liger's Triton kernels (RMSNorm, SwiGLU, RoPE) to the base model."""
+    fused_optimizer: bool = False
+    """AdamW(fused=True) (CUDA); otherwise the foreach implementation."""
+    compile: bool = False
+    """torch.compile the decoder layers."""
+    notes: list[str] = field(default_factory=list)
+    """Decisions worth telling the user (fallbacks, forced options)."""
+
+    def to_dict(self) -> dict:
+        """Plain dict for metadata.json."""
+        return asdict(self)
+
+    def torch_dtype(self, name: str | None = None):
+        """torch dtype of `name` (default: the weight dtype)."""
+        import torch
+
+        return getattr(torch, name or self.weight_dtype)
+
+    def autocast(self):
+        """Context manager for forward passes: autocast to the compute dtype, or nothing."""
+        import contextlib
+
+        import torch
+
+        if not self.autocast_dtype:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.split(":")[0], dtype=getattr(torch, self.autocast_dtype))
+
+    def describe(self) -> str:
+        """One line for the run header."""
+        parts = [f"device {self.device}", f"precision {self.precision}",
+                 f"weights {self.weight_dtype}", f"attention {self.attn_implementation}",
+                 "packing" if self.packing else "length-grouped batches"]
+        if self.gradient_checkpointing:
+            parts.append("gradient checkpointing")
+        if self.liger:
+            parts.append("liger kernels")
+        if self.compile:
+            parts.append("torch.compile")
+        return ", ".join(parts)
+
+
+def installed(module: str) -> bool:
+    """Whether `module` can be imported (without importing it)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def resolve_device(kind: str, caps=None) -> str:
+    """'auto' → what the machine has (CUDA, then MPS, then CPU); anything else as given."""
+    if kind != "auto":
+        return kind
+    if caps is not None:
+        return caps.best_device()
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def cpu_bf16_fast(caps=None) -> bool:
+    """Native bf16 matmuls on this CPU (AVX-512 BF16, AMX, ARM BF16); else bf16 is emulated."""
+    if caps is not None:
+        return bool(caps.cpu.bf16_fast)
+    try:
+        import torch
+
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def cuda_bf16(caps=None) -> bool:
+    """The first CUDA GPU does bf16 natively (compute capability 8.0+: Ampere and newer)."""
+    if caps is not None and caps.gpus:
+        return tuple(caps.gpus[0].capability) >= (8, 0)
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def settle_precision(precision: str, device: str, caps=None) -> tuple[str, str | None]:
+    """(precision usable here, note or None): the plan's choice, downgraded only when the device lacks it."""
+    kind = device.split(":")[0]
+    if kind == "cpu":
+        if precision == "bf16" and not cpu_bf16_fast(caps):
+            return "fp32", "this CPU has no native bf16 (AVX-512 BF16/AMX): training in fp32"
+        if precision == "fp16":
+            # CPU fp16 matmuls are emulated (slower than fp32) and would need loss scaling too.
+            return "fp32", "fp16 is not fast on CPUs: training in fp32"
+    if kind == "cuda" and precision == "bf16" and not cuda_bf16(caps):
+        return "fp16", "this GPU has no bf16 (compute capability < 8.0): training in fp16 with loss scaling"
+    return precision, None
+
+
+def choose_attention(device: str, precision: str, packing: bool = True) -> str:
+    """The attention implementation for this device (see the comments for the measurements)."""
+    kind = device.split(":")[0]
+    if kind == "cuda" and precision in ("bf16", "fp16") and installed("flash_attn"):
+        # FlashAttention-2 reads position_ids as varlen boundaries: packed rows cost what their
+        # examples cost, with no T×T mask. Half precision only.
+        return "flash_attention_2"
+    if kind == "cpu":
+        # transformers' sdpa turns packed position_ids into a dense [B,1,T,T] mask, and the CPU
+        # flash kernel then computes every T×T block. Per-example causal SDPA (model_loading)
+        # computes only the examples' own triangles, and runs short ones in fp32, where the CPU
+        # kernel's backward is faster than in bf16.
+        return VARLEN_ATTENTION
+    return "sdpa"
+
+
+def run_settings(plan, caps=None) -> RunSettings:
+    """Settle every run option for `plan` on this machine (`caps`: hardware.detect(), optional)."""
+    s = RunSettings(notes=[])
+    s.device = resolve_device(plan.device, caps)
+    kind = s.device.split(":")[0]
+    s.precision, note = settle_precision(plan.precision, s.device, caps)
+    if note:
+        s.notes.append(note)
+    # Frozen base weights are stored in the compute dtype: half the memory, and autocast has
+    # nothing to cast per step. LoRA weights stay fp32 (created after loading) so small updates
+    # (lr x grad ~ 1e-6 relative) are not rounded away; autocast runs their matmuls in half.
+    s.weight_dtype = DTYPES[s.precision]
+    s.autocast_dtype = None if s.precision == "fp32" else DTYPES[s.precision]
+    # fp16 has 5 exponent bits: without loss scaling small gradients flush to zero.
+    s.grad_scaler = s.precision == "fp16"
+    s.packing = bool(plan.packing)
+    s.attn_implementation = choose_attention(s.device, s.precision, s.packing)
+    # Checkpointing trades ~30% more compute for memory; only when asked for. A plan that leaves
+    # it unset gets it from memory.check_plan when the estimate does not fit.
+    s.gradient_checkpointing = bool(plan.gradient_checkpointing)
+    # PyTorch's CPU dropout draws one mt19937 number per element: at LoRA's input widths that was
+    # as slow as the layer's matmuls. CUDA's dropout (Philox, fused) is cheap: keep it there.
+    s.fast_dropout = kind == "cpu"
+    # Liger's Triton kernels are CUDA-only; used when installed.
+    s.liger = kind == "cuda" and installed("liger_kernel")
+    s.fused_optimizer = kind == "cuda"
+    # torch.compile: on CPU, compiling the training graph took longer than the benchmark's whole
+    # epoch, so it is off; nothing here turns it on yet.
+    s.compile = False
+    return s

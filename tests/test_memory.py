@@ -1,0 +1,262 @@
+"""The memory estimate: parameter counts, saved activations, scaling, suggestions, and the plan gate."""
+
+from __future__ import annotations
+
+import json
+import types
+from pathlib import Path
+
+import pytest
+
+from hafs.training.errors import HardwareError
+from hafs.training.hardware import Capabilities, CpuInfo, MpsInfo
+from hafs.training.loader import load_config
+from hafs.training.memory import (
+    GIB, ModelShape, check_memory, check_plan, estimate_for_plan, estimate_memory, fit_suggestions,
+    load_model_config,
+)
+from hafs.training.plan import resolve
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE = ROOT / "tests/fixtures/qwen2.5-coder-1.5b-config.json"
+QWEN_15B = json.loads(FIXTURE.read_text())
+TINY = {"model_type": "qwen2", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 256, "tie_word_embeddings": True,
+        "max_position_embeddings": 512}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+MAC = Capabilities(os="Darwin", torch_version="2.13.0",
+                   mps=MpsInfo(available=True, built=True, macos_version="13.6", unified_memory_gb=32,
+                               working_set_gb=21.3, bf16=False),
+                   cpu=CpuInfo(model_name="Apple M1 Pro", arch="arm64", cores=10, ram_gb=32))
+
+
+def est(config=QWEN_15B, **kw):
+    args = dict(sequence_length=1024, batch_size=1, lora_r=8, lora_targets=TARGETS, precision="bf16",
+                gradient_checkpointing=False, packing=False, attn_impl="sdpa", device_kind="cuda")
+    return estimate_memory(config, **{**args, **kw})
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config(ROOT / "config" / "training.toml")
+
+
+def test_fixture_is_qwen25_coder_15b():
+    shape = ModelShape.from_config(QWEN_15B)
+    assert (shape.hidden, shape.layers, shape.heads, shape.kv_heads, shape.head_dim) == (1536, 28, 12, 2, 128)
+    assert (shape.intermediate, shape.vocab, shape.tied) == (8960, 151936, True)
+    assert shape.parameter_count() == 1_543_714_304  # Qwen's model card: 1.54B
+    assert shape.lora_parameter_count(8, TARGETS) == 28 * 8 * (1536 + 1536 + 1536 + 256 + 1536 + 256 + 1536 + 1536)
+
+
+def test_parameter_counts_match_transformers_and_peft():
+    torch = pytest.importorskip("torch")
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    for tied in (True, False):
+        config = {**TINY, "tie_word_embeddings": tied}
+        with torch.random.fork_rng():
+            model = Qwen2ForCausalLM(Qwen2Config(**config))
+        shape = ModelShape.from_config(config)
+        assert shape.parameter_count() == sum(p.numel() for p in model.parameters())
+        peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
+        trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+        assert shape.lora_parameter_count(4, ["q_proj", "v_proj", "down_proj"]) == trainable
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_saved_activations_match_autograd(packing):
+    """The per-layer terms count what autograd really keeps (bf16 weights, fp32 LoRA, autocast, dropout)."""
+    torch = pytest.importorskip("torch")
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = Qwen2ForCausalLM(Qwen2Config(**TINY, attn_implementation="sdpa")).to(torch.bfloat16)
+        model = get_peft_model(model, LoraConfig(r=8, target_modules=TARGETS, lora_dropout=0.05))
+        model.train()
+        seq, batch = 128, 2 if packing else 1  # one unpadded row needs no mask; packed rows do
+        ids = torch.randint(0, 256, (batch, seq))
+        pos = torch.cat([torch.arange(64), torch.arange(64)]).repeat(batch, 1) if packing else None
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        saved = {}
+
+        def pack(t):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in params:
+                saved[ptr] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+            model.base_model.model.model(input_ids=ids, position_ids=pos, use_cache=False)
+    predicted = est(TINY, sequence_length=seq, batch_size=batch, packing=packing, device_kind="cpu",
+                    autocast=True).settings["saved_bytes"]
+    assert predicted == pytest.approx(sum(saved.values()), rel=0.05)
+
+
+def test_saved_activations_match_autograd_with_the_engines_settings():
+    """Same check with what the trainer really runs on CPU: precision.run_settings + prepare_for_training
+    (no fp32 input copy under autocast, byte-mask dropout) and per-example packed attention."""
+    torch = pytest.importorskip("torch")
+    precision = pytest.importorskip("hafs.training.precision")
+    model_loading = pytest.importorskip("hafs.training.model_loading")
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from hafs.training.memory import settings_kwargs
+
+    settings = precision.run_settings(types.SimpleNamespace(device="cpu", precision="bf16", packing=True,
+                                                            gradient_checkpointing=False))
+    if settings.attn_implementation == precision.VARLEN_ATTENTION:
+        model_loading.register_varlen_attention()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = Qwen2ForCausalLM(Qwen2Config(**TINY, attn_implementation=settings.attn_implementation))
+        model = get_peft_model(model.to(torch.bfloat16), LoraConfig(r=8, target_modules=TARGETS, lora_dropout=0.05),
+                               autocast_adapter_dtype=True)
+        model_loading.prepare_for_training(model, settings)
+        model.train()
+        seq, batch = 128, 2
+        ids = torch.randint(0, 256, (batch, seq))
+        pos = torch.cat([torch.arange(64), torch.arange(64)]).repeat(batch, 1)
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        saved = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in params:
+                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), settings.autocast():
+            model.base_model.model.model(input_ids=ids, position_ids=pos, use_cache=False)
+    predicted = est(TINY, sequence_length=seq, batch_size=batch, packing=True, lora_targets=TARGETS,
+                    **settings_kwargs(settings)).settings["saved_bytes"]
+    assert predicted == pytest.approx(sum(saved.values()), rel=0.05)
+
+
+def test_monotonic_in_sequence_length_and_batch():
+    for kw in ({}, {"packing": True}, {"gradient_checkpointing": True}, {"attn_impl": "eager"}):
+        totals = [est(sequence_length=s, batch_size=b, **kw).total_gb for b in (1, 2, 4) for s in (256, 512, 2048)]
+        by_batch = [totals[i:i + 3] for i in (0, 3, 6)]
+        for row in by_batch:
+            assert row == sorted(row) and len(set(row)) == 3
+        for col in zip(*by_batch):
+            assert list(col) == sorted(col) and len(set(col)) == 3
+
+
+def test_linear_in_sequence_length_with_sdpa_quadratic_with_eager():
+    a, b, c = (est(sequence_length=s).measurable_gb for s in (2048, 4096, 6144))
+    assert (c - b) == pytest.approx(b - a, rel=1e-9)  # no T x T term
+    a, b, c = (est(sequence_length=s, attn_impl="eager").measurable_gb for s in (2048, 4096, 6144))
+    assert (c - b) > 1.2 * (b - a)
+
+
+def test_logits_are_chunked_not_batch_seq_vocab():
+    e = est(sequence_length=4096, batch_size=4)
+    full_logits_gb = 4 * 4096 * 151936 * 4 / GIB
+    assert e.logits_gb < full_logits_gb / 40
+    assert e.settings["loss_chunk"] == 128  # loss.default_chunk_size for a 152k vocabulary
+
+
+def test_checkpointing_precision_and_breakdown():
+    plain, ckpt = est(sequence_length=4096), est(sequence_length=4096, gradient_checkpointing=True)
+    assert ckpt.activations_gb < plain.activations_gb / 3
+    assert plain.weights_gb == pytest.approx(1_543_714_304 * 2 / GIB)
+    assert est(precision="fp32").weights_gb == pytest.approx(2 * plain.weights_gb)
+    assert plain.lora_gb == pytest.approx(ModelShape.from_config(QWEN_15B).lora_parameter_count(8, TARGETS) * 16 / GIB)
+    parts = plain.to_dict()
+    assert sum(parts[k] for k in ("weights_gb", "lora_gb", "activations_gb", "logits_gb", "overhead_gb",
+                                  "runtime_gb")) == pytest.approx(plain.total_gb)
+    text = plain.render()
+    assert "frozen weights" in text and f"{plain.total_gb:7.2f} GiB" in text
+    json.dumps(parts)
+
+
+def test_fit_suggestions_are_the_largest_that_fit():
+    asked = dict(sequence_length=4096, batch_size=4, lora_r=8, lora_targets=TARGETS, precision="bf16",
+                 packing=False, device_kind="cuda")
+    plain = est(sequence_length=4096, batch_size=4).total_gb
+    ckpt = est(sequence_length=4096, batch_size=4, gradient_checkpointing=True).total_gb
+    budget = (plain + ckpt) / 2
+    fit = fit_suggestions(QWEN_15B, available_memory_gb=budget, gradient_checkpointing=False, **asked)
+    assert not fit.fits and fit.gradient_checkpointing_fits is True
+    s, b = fit.max_sequence_length, fit.max_batch_size
+    assert s % 64 == 0 and 0 < s < 4096 and 0 < b < 4
+    assert est(sequence_length=s, batch_size=4).total_gb <= budget < est(sequence_length=s + 64, batch_size=4).total_gb
+    assert est(sequence_length=4096, batch_size=b).total_gb <= budget < est(sequence_length=4096, batch_size=b + 1).total_gb
+    assert "gradient_checkpointing = true" in fit.hint() and f"sequence_length = {s}" in fit.hint()
+    hopeless = fit_suggestions(QWEN_15B, available_memory_gb=2.0, gradient_checkpointing=False, **asked)
+    assert (hopeless.max_sequence_length, hopeless.max_batch_size, hopeless.gradient_checkpointing_fits) == (0, 0, False)
+    assert "does not fit" in hopeless.hint()
+
+
+def test_mac_mps_preset_with_the_15b_model_gets_a_verdict(cfg):
+    plan = resolve(cfg, "oracle-rauru-mac")
+    verdict = check_memory(plan, QWEN_15B, caps=MAC)
+    e = verdict.estimate
+    assert verdict.fits and verdict.available_gb == 20 and not verdict.gradient_checkpointing
+    assert e.settings["device_kind"] == "mps" and e.settings["precision"] == "fp16"
+    assert 4 < e.total_gb < 20
+    assert "verdict" in verdict.render() and "fits" in verdict.render()
+    plan.hardware.available_memory_gb = 5
+    tight = check_memory(plan, QWEN_15B, caps=MAC)
+    assert not tight.fits and len(tight.problems) == 1
+    p = tight.problems[0]
+    assert p.message.startswith("Hardware Mac M1/M2/M3 with MPS is unsupported: training needs about")
+    assert "sequence_length = " in p.hint and "gradient_checkpointing" not in p.hint  # not on MPS profiles
+    assert check_memory(plan, QWEN_15B, caps=MAC, force=True).problems == []
+
+
+def test_check_plan_turns_on_checkpointing_only_when_needed(cfg):
+    plan = resolve(cfg, "oracle-rauru-cloud")  # RTX 4090 profile, 2048 x 4, checkpointing left to memory
+    assert plan.gradient_checkpointing is None
+    settings = types.SimpleNamespace(device="cuda", precision="bf16", attn_implementation="sdpa",
+                                     gradient_checkpointing=False, loss_chunk_size=None, autocast_dtype="bfloat16")
+    logged = []
+    plain = estimate_for_plan(plan, QWEN_15B, settings=settings).total_gb
+    ckpt = estimate_for_plan(plan, QWEN_15B, settings=settings, gradient_checkpointing=True).total_gb
+    plan.hardware.available_memory_gb = (plain + ckpt) / 2
+    e = check_plan(plan, settings, log=logged.append, model_config=QWEN_15B)
+    assert settings.gradient_checkpointing is True and e.settings["gradient_checkpointing"]
+    assert any("gradient checkpointing turned on" in line for line in logged)
+    plan.hardware.available_memory_gb = ckpt / 2
+    settings.gradient_checkpointing = False
+    with pytest.raises(HardwareError, match="does not fit in memory"):
+        check_plan(plan, settings, log=logged.append, model_config=QWEN_15B)
+    assert check_plan(plan, settings, force=True, log=logged.append, model_config=QWEN_15B) is not None
+    assert "--force" in logged[-1]
+
+
+def test_load_model_config_sources(tmp_path, monkeypatch):
+    (tmp_path / "config.json").write_text(json.dumps(TINY))
+    assert load_model_config(str(tmp_path)) == TINY
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(HardwareError, match="no config.json"):
+        load_model_config(str(empty))
+
+    import huggingface_hub
+
+    def offline(repo, filename, **kw):
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with pytest.raises(HardwareError) as err:
+        load_model_config("Qwen/Qwen2.5-Coder-1.5B")
+    assert "Qwen/Qwen2.5-Coder-1.5B" in err.value.problems[0].message and "--force" in err.value.problems[0].hint
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, filename, **kw: str(FIXTURE))
+    assert load_model_config("Qwen/Qwen2.5-Coder-1.5B")["hidden_size"] == 1536
+
+    from hafs.training import demo
+
+    monkeypatch.setattr(demo, "resolve_demo_model", lambda name, *a, **k: tmp_path)
+    assert load_model_config("hafs-demo/tiny-qwen2") == TINY
+
+
+def test_unreadable_configs_are_hardware_errors():
+    with pytest.raises(HardwareError, match="num_hidden_layers"):
+        ModelShape.from_config({"hidden_size": 64, "num_attention_heads": 4, "vocab_size": 10})
+    gpt2 = ModelShape.from_config({"n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 100})
+    assert (gpt2.hidden, gpt2.layers, gpt2.kv_heads, gpt2.intermediate) == (64, 2, 4, 256)
