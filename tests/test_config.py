@@ -309,7 +309,7 @@ def test_relative_paths_are_relative_to_the_config_file(tmp_path):
     path.write_text(base(append='\n[output]\nmodels_dir = "../models"\nregistry = "~/reg.toml"\n'))
     plan = resolve(load_config(path), "run")
     assert plan.dataset_dir == str(path.parent / "data")
-    assert plan.output.models_dir == str(path.parent / ".." / "models")
+    assert plan.output.models_dir == str(path.parent.parent / "models")
     assert plan.output.registry == str(Path("~/reg.toml").expanduser()) and plan.config_path == str(path)
 
 

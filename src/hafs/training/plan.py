@@ -8,6 +8,7 @@ code never reads raw TOML or re-derives a setting.
 from __future__ import annotations
 
 import copy
+import os
 import dataclasses
 import math
 import tomllib
@@ -274,7 +275,8 @@ def resolve_path(value: str, base: Path) -> Path:
         p = Path(value).expanduser()
     except RuntimeError:  # '~user' that does not exist, or no home directory: keep it literal
         p = Path(value)
-    return p if p.is_absolute() else (base / p)
+    # normpath, not resolve(): '../data' reads cleanly in messages without following symlinks
+    return Path(os.path.normpath(p if p.is_absolute() else (base / p)))
 
 
 def parse_override(text: str) -> tuple[str, object]:
