@@ -129,15 +129,21 @@ def _token_lengths(plan, train, report):
     import numpy as np
 
     try:
-        from .tokenize import tokenize_split
-        from .model_loading import load_tokenizer
+        from transformers import AutoTokenizer
 
-        tok = load_tokenizer(plan, local_only=True)
+        from .model_loading import ensure_pad_token, resolve_base_model
+        from .tokenize import tokenize_split
+
+        # Local files only: a dry run never downloads; the hub cache or a local folder is enough.
+        tok = AutoTokenizer.from_pretrained(resolve_base_model(plan.expert.base_model), local_files_only=True,
+                                            trust_remote_code=plan.expert.trust_remote_code)
+        ensure_pad_token(tok)
         lengths = tokenize_split(train, plan, tok).lengths
         report.numbers["training tokens"] = int(lengths.sum())
         return lengths
     except Exception as exc:  # no tokenizer offline: estimate from characters (~3.5 chars per token)
-        report.notes.append(f"tokenizer not available offline ({type(exc).__name__}); token counts are estimates")
+        report.notes.append(f"the base model's tokenizer is not available offline ({type(exc).__name__}): "
+                            "token counts and steps are estimates (~3.5 characters per token)")
         chars = np.array([len(s.instruction) + len(s.input) + len(s.output) + len(s.text) + 200
                           + sum(len(str(m.get("content", ""))) for m in (s.messages or [])) for s in train.rows])
         lengths = np.minimum(np.ceil(chars / 3.5).astype(np.int64) + 1, plan.sequence_length)
