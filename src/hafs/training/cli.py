@@ -229,17 +229,26 @@ def cmd_show(args) -> int:
     cfg = _load(args)
     report = dry_run(cfg, args.preset, args.overrides, force=getattr(args, "force", False))
     print(json.dumps(report.to_dict(), indent=2, default=str) if args.json else report.render())
+    if report.plan.world_size() > 1 and not args.json:
+        from .distributed import describe_launch
+
+        print(describe_launch(report.plan))
     return 0 if report.ok else 2
 
 
 def cmd_train(args) -> int:
+    from . import distributed
     from .config_trainer import ConfigTrainer
 
     trainer = ConfigTrainer(args.config, verbose=args.verbose)
     overrides = list(args.overrides)
     if args.report_to:
         overrides.append("report_to=" + json.dumps([s.strip() for s in args.report_to.split(",") if s.strip()]))
-    out = trainer.train(args.preset, overrides=overrides, resume=args.resume, force=args.force,
-                        evaluate=args.evaluate, register=args.register)
-    print(f"Model saved to: {out}")
+    plan = trainer.build_training_config(args.preset, overrides)
+    if distributed.needs_launch(plan):  # several workers asked for: run this command under torchrun
+        return distributed.relaunch(plan)
+    out = trainer.train_with_config(plan, overrides=overrides, resume=args.resume, force=args.force,
+                                    evaluate=args.evaluate, register=args.register)
+    if distributed.is_main_process():
+        print(f"Model saved to: {out}")
     return 0

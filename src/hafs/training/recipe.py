@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from .plan import TrainingConfig
 
@@ -30,10 +31,13 @@ class RunOptions:
     """More output."""
     overrides: list[str] = field(default_factory=list)
     """The --set overrides, repeated in the printed resume command."""
+    on_eval: Callable | None = None
+    """Extra on_eval(state, metrics) after each evaluation during training (hafs tune reports to Optuna)."""
 
 
 def run(plan: TrainingConfig, opts: RunOptions, log=print) -> Path:
     from . import checkpoint, data, engine, faults, hardware, memory, model_loading, outputs, tokenize
+    from . import distributed
 
     # 1. Fail fast: machine, data and memory are checked before any model is loaded.
     caps = hardware.detect()
@@ -42,6 +46,11 @@ def run(plan: TrainingConfig, opts: RunOptions, log=print) -> Path:
         log(f"note: {note}")
     pre.raise_for_problems(plan.preset)
     settings = engine.run_settings(plan, caps)
+    # Under torchrun: join the workers; only rank 0 prints, writes and tracks (see distributed.py).
+    ctx = distributed.init(settings.device, plan)
+    settings.device = ctx.device
+    if not ctx.is_main:
+        log = _quiet
     train_raw = data.read_split(plan, "train")  # bad rows / missing files are reported here
     fingerprint = train_raw.stats.sha256
     estimate = memory.check_plan(plan, settings, force=opts.force, log=log, caps=caps)
@@ -52,13 +61,18 @@ def run(plan: TrainingConfig, opts: RunOptions, log=print) -> Path:
     run_dir = point.run_dir if point else Path(plan.output.checkpoints_dir) / outputs.run_id(plan)
 
     # 3. Model, tokenizer, tokenized data, adapter.
-    model, tokenizer = model_loading.load_model_and_tokenizer(plan, settings.device, settings.precision,
-                                                             settings, log=log)
-    prepared = tokenize.prepare_data(plan, tokenizer, log=log)
+    with ctx.main_first():  # rank 0 fills the model and token caches; the others then read them
+        model, tokenizer = model_loading.load_model_and_tokenizer(plan, settings.device, settings.precision,
+                                                                 settings, log=log)
+        prepared = tokenize.prepare_data(plan, tokenizer, log=log)
     model = model_loading.apply_lora(model, plan, settings)
+    ctx.broadcast_params([p for p in model.parameters() if p.requires_grad])
     batches = engine.BatchSource(prepared.train, plan, tokenizer, settings)
-    total_steps = plan.total_steps(batches.micro_batches_per_epoch())
+    total_steps = plan.total_steps(-(-batches.micro_batches_per_epoch() // ctx.world_size))
     engine.print_plan(plan, settings, prepared, total_steps, estimate, log=log, model=model)
+    if ctx.enabled:
+        log(f"Distributed: {ctx.world_size} workers ({ctx.backend}); global batch = {plan.batch_size} x "
+            f"{plan.gradient_accumulation} x {ctx.world_size} = {plan.effective_batch(ctx.world_size)} per step")
 
     # 4. Optimiser, schedule, state (restored when resuming).
     optimizer = engine.build_optimizer(model, plan, settings)
@@ -67,16 +81,19 @@ def run(plan: TrainingConfig, opts: RunOptions, log=print) -> Path:
     if point:
         state = checkpoint.restore(point, model=model, optimizer=optimizer, scheduler=scheduler)
         state.total_steps = total_steps  # a resume may raise max_steps
+        distributed.reseed_after_resume(ctx)
         log(f"Resumed from {point.path} at step {state.step}")
 
     # 5. Train, with checkpoints, trackers, evaluation and signal handling around the loop.
     from .evaluate import Evaluator
 
     evaluator = Evaluator(plan, prepared, tokenizer, settings)
-    before = evaluator.run(model, "before") if opts.evaluate and state.step == 0 else None
-    trackers = _trackers(plan, run_dir, log)
+    before = evaluator.run(model, "before") if opts.evaluate and state.step == 0 and ctx.is_main else None
+    trackers = _trackers(plan, run_dir, log) if ctx.is_main else _null_trackers()
 
     def save(st):
+        if not ctx.is_main:
+            return None
         return checkpoint.save_checkpoint(run_dir, model=model, optimizer=optimizer, scheduler=scheduler,
                                           state=st, plan=plan, dataset_fingerprint=fingerprint)
 
@@ -84,11 +101,13 @@ def run(plan: TrainingConfig, opts: RunOptions, log=print) -> Path:
     with faults.SignalGuard(log=log) as guard:
         hooks = engine.Hooks(on_step=(lambda st, m: time.sleep(slow)) if slow else None,
                              on_log=lambda st, m: trackers.log(st.step, m),
-                             on_eval=lambda st, m: trackers.log(st.step, m),
-                             on_save=save if plan.save_steps else None, should_stop=guard.should_stop)
+                             on_eval=lambda st, m: (trackers.log(st.step, m), opts.on_eval and opts.on_eval(st, m)),
+                             on_save=save if plan.save_steps else None,
+                             should_stop=lambda: ctx.any(guard.should_stop()))
         try:
             state = engine.train(model, optimizer, scheduler, batches, plan, state, hooks,
-                                 eval_fn=evaluator.val_loss, settings=settings)
+                                 eval_fn=evaluator.val_loss, settings=settings,
+                                 progress=None if ctx.is_main else False, dist=ctx)
         except BaseException as exc:
             trackers.close(failed=True)
             raise faults.translate(exc, plan, state, run_dir, estimate) from None
@@ -96,6 +115,11 @@ def run(plan: TrainingConfig, opts: RunOptions, log=print) -> Path:
             path = save(state)
             trackers.close(failed=True)
             raise faults.interrupted(plan, state, path, guard.signal, overrides=opts.overrides)
+
+    if not ctx.is_main:  # rank 0 alone writes the model directory; the others learn its path
+        final = Path(ctx.broadcast_object(None))
+        distributed.cleanup(ctx)
+        return final
 
     # 6. Save: stage everything, write metadata.json last, rename into place (never overwrite).
     name = outputs.model_dir_name(plan)
@@ -107,7 +131,7 @@ def run(plan: TrainingConfig, opts: RunOptions, log=print) -> Path:
     meta = outputs.build_metadata(
         plan, num_samples=len(prepared.train), duration_seconds=state.elapsed_seconds,
         hardware_info=caps.summary(settings), extra={
-            "training": {"tokens_trained": state.tokens, "optimizer_steps": state.step,
+            "training": {"tokens_trained": state.tokens, "optimizer_steps": state.step, "world_size": ctx.world_size,
                          "final_loss": state.last_loss(), "best_eval_loss": state.best_eval(),
                          "precision": settings.precision, "resumed_from": str(point.path) if point else None},
             "resume": point.to_metadata() if point else None,
@@ -127,7 +151,19 @@ def run(plan: TrainingConfig, opts: RunOptions, log=print) -> Path:
         from .user_registry import register_trained_model
 
         register_trained_model(plan, final, meta, log=log)
+    ctx.broadcast_object(str(final))
+    distributed.cleanup(ctx)
     return final
+
+
+def _quiet(*args, **kwargs) -> None:
+    """The log of workers other than rank 0."""
+
+
+def _null_trackers():
+    from .trackers import Tracker
+
+    return Tracker([])
 
 
 def _trackers(plan, run_dir: Path, log):

@@ -1,0 +1,184 @@
+"""Data-parallel training on CPU: 2 gloo workers under torchrun against one process with the same global batch.
+
+The 2-worker run is started the way a user starts it on a multi-GPU profile: `python scripts/train.py
+PRESET` with `hardware.num_gpus = 2`, which re-executes itself under torchrun. Its per-step losses and
+its final adapter must match a single process with gradient_accumulation doubled (same micro-batches
+per optimizer step), and exactly one model directory may appear.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PRESET = "dist-test"
+
+CONFIG = """
+[metadata]
+schema_version = 1
+
+[hardware.cpu]
+name = "CPU"
+device = "cpu"
+available_memory_gb = 16
+max_batch_size = 8
+max_sequence_length = 2048
+supports_bf16 = false
+supports_fp16 = false
+max_lora_rank = 64
+
+[experts.tiny]
+display_name = "Tiny"
+base_model = "{model}"
+role = "asm"
+context_window = 2048
+
+[lora.tiny]
+r = 4
+lora_alpha = 8
+lora_dropout = 0.0
+
+[hyperparameters.dist]
+max_steps = 4
+learning_rate = 2e-3
+warmup_steps = 1
+logging_steps = 1
+save_steps = 2
+seed = 3
+
+[datasets.demo]
+path = "{data}"
+
+[presets.{preset}]
+expert = "tiny"
+hardware = "cpu"
+dataset = "demo"
+lora = "tiny"
+hyperparameters = "dist"
+sequence_length = 128
+batch_size = 2
+gradient_accumulation = {accumulation}
+precision = "fp32"
+
+[output]
+models_dir = "{root}/models"
+logs_dir = "{root}/logs"
+checkpoints_dir = "{root}/checkpoints"
+name_template = "{{expert}}-{{date}}"
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    from hafs.training.demo import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model") / "model")
+
+
+def make_config(root: Path, model: Path, accumulation: int) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    config = root / "training.toml"
+    config.write_text(CONFIG.format(model=model, data=REPO / "data" / "demo", root=root, preset=PRESET,
+                                    accumulation=accumulation))
+    return config
+
+
+def train(config: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
+               PYTHONUNBUFFERED="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "HAFS_TEST_SLOW_STEP_MS"):
+        env.pop(key, None)
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), PRESET, "--config", str(config),
+                           "--no-eval", *extra], capture_output=True, text=True, timeout=300, env=env, cwd=REPO, check=False)
+    assert done.returncode == 0, f"train.py failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done
+
+
+def only_model(root: Path) -> Path:
+    dirs = [p for p in (root / "models").iterdir()]
+    assert len(dirs) == 1, dirs  # no second directory, no staging leftovers from another rank
+    return dirs[0]
+
+
+def adapter(model_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(model_dir / "adapter_model.safetensors"))
+
+
+def test_two_gloo_workers_match_one_process_with_the_same_global_batch(tmp_path, tiny_model):
+    train(make_config(tmp_path / "single", tiny_model, accumulation=2))
+    multi = train(make_config(tmp_path / "multi", tiny_model, accumulation=1), "--set", "hardware.num_gpus=2")
+
+    assert "torch.distributed.run" in multi.stdout and "--nproc_per_node=2" in multi.stdout
+    assert "global batch = 2 x 1 x 2 = 4 per step" in multi.stdout
+    assert multi.stdout.count("Model saved to:") == 1  # rank 1 prints nothing of its own
+    one, two = only_model(tmp_path / "single"), only_model(tmp_path / "multi")
+    meta1, meta2 = (json.loads((d / "metadata.json").read_text()) for d in (one, two))
+    assert meta2["training"]["world_size"] == 2 and meta1["training"]["world_size"] == 1
+    assert meta1["training"]["tokens_trained"] == meta2["training"]["tokens_trained"]
+    losses1, losses2 = meta1["losses"]["train"], meta2["losses"]["train"]
+    assert [s for s, _ in losses1] == [s for s, _ in losses2] == [1, 2, 3, 4]
+    assert losses1[-1][1] < losses1[0][1]  # it trained
+    for (_, a), (_, b) in zip(losses1, losses2):
+        assert abs(a - b) < 1e-4, (losses1, losses2)
+    w1, w2 = adapter(one), adapter(two)
+    assert w1.keys() == w2.keys() and w1
+    assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-5
+    # rank 0 alone wrote checkpoints: one run folder, rotated to the newest two steps
+    runs = list((tmp_path / "multi" / "checkpoints").iterdir())
+    assert len(runs) == 1 and sorted(p.name for p in runs[0].iterdir()) == ["checkpoint-2"]
+
+    # resume under 2 workers from step 2: both ranks restore it and finish like the uninterrupted run
+    train(tmp_path / "multi" / "training.toml", "--set", "hardware.num_gpus=2", "--resume",
+          str(runs[0] / "checkpoint-2"))
+    resumed = [d for d in (tmp_path / "multi" / "models").iterdir() if d != two]
+    assert len(resumed) == 1
+    meta3 = json.loads((resumed[0] / "metadata.json").read_text())
+    assert meta3["resume"]["from_step"] == 2 and meta3["losses"]["train"] == losses2
+    w3 = adapter(resumed[0])
+    assert max(float((w2[k] - w3[k]).abs().max()) for k in w2) < 1e-6
+
+
+def test_dry_run_prints_the_torchrun_and_accelerate_commands(tmp_path, tiny_model):
+    config = make_config(tmp_path, tiny_model, accumulation=1)
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), PRESET, "--config", str(config),
+                           "--dry-run", "--set", "hardware.num_gpus=4"], capture_output=True, text=True,
+                          timeout=120, cwd=REPO, check=False)
+    assert "torchrun --standalone --nproc_per_node=4" in done.stdout, done.stdout + done.stderr
+    assert "accelerate launch --multi_gpu --num_processes=4" in done.stdout
+    assert "global batch 8 per optimizer step" in done.stdout
+    assert "--dry-run" not in done.stdout.split("torchrun", 1)[1]
+
+
+def test_launch_commands_for_one_and_several_nodes():
+    from hafs.training import distributed
+    from hafs.training.loader import load_config
+    from hafs.training.plan import resolve
+
+    plan = resolve(load_config(REPO / "config" / "training.toml"), "demo", check_hardware=False)
+    plan.hardware.num_gpus, plan.hardware.num_nodes = 4, 2
+    cmd = distributed.relaunch_command(plan, ["scripts/train.py", "demo", "--set", "lr=1"])
+    assert cmd[1:3] == ["-m", "torch.distributed.run"]
+    assert "--nnodes=2" in cmd and "--nproc_per_node=4" in cmd and cmd[-4:] == ["scripts/train.py", "demo",
+                                                                               "--set", "lr=1"]
+    # the `hafs` console script is re-run as a module
+    assert distributed.script_args(["/venv/bin/hafs", "train", "demo"]) == ["-m", "hafs.training.distributed",
+                                                                           "train", "demo"]
+    assert not distributed.needs_launch(plan, {"WORLD_SIZE": "8"}) and distributed.needs_launch(plan, {})
+
+
+def test_single_process_context_is_a_no_op():
+    from hafs.training.distributed import env_context
+
+    ctx = env_context({})
+    assert (ctx.rank, ctx.world_size, ctx.is_main, ctx.enabled) == (0, 1, True, False)
+    assert ctx.all_reduce_sum([3, 2.5]) == [3, 2.5] and ctx.any(False) is False
+    ctx2 = env_context({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"})
+    assert (ctx2.rank, ctx2.local_rank, ctx2.world_size, ctx2.is_main) == (3, 1, 4, False)
