@@ -30,14 +30,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+FIXTURE = ROOT / "tests/fixtures/qwen2.5-coder-1.5b-config.json"
 SHAPES = {
     # tiny: the test-suite scale; bench: issue 4's benchmark fixture; qwen1.5b: Qwen2.5-Coder-1.5B (GPU only)
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=128, vocab_size=2048),
-    "bench": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
-                  intermediate_size=1536, vocab_size=16384),
-    "qwen1.5b": json.loads((ROOT / "tests/fixtures/qwen2.5-coder-1.5b-config.json").read_text())
-    if (ROOT / "tests/fixtures/qwen2.5-coder-1.5b-config.json").exists() else {},
+    "tiny": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "intermediate_size": 128, "vocab_size": 2048},
+    "bench": {"hidden_size": 512, "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 2,
+              "intermediate_size": 1536, "vocab_size": 16384},
+    "qwen1.5b": json.loads(FIXTURE.read_text()) if FIXTURE.exists() else {},
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 LORA_R, LORA_DROPOUT, LABELLED = 8, 0.05, 0.5
@@ -147,8 +147,8 @@ def train_steps(model, cfg: dict, seq: int, batch: int, steps: int, device: str,
 
 def worker(args) -> None:
     """One CPU case in a fresh process: peak RSS minus the RSS after the heavy imports."""
-    import torch  # noqa: F401  (the baseline is measured after the heavy imports)
     import peft  # noqa: F401
+    import torch
     import transformers  # noqa: F401
     from transformers.models.qwen2 import modeling_qwen2  # noqa: F401
 
@@ -192,8 +192,8 @@ def estimate(shape: str, seq: int, batch: int, args):
     if args.loop == "engine":
         run = {**settings_kwargs(engine_settings(args.device, args.checkpointing)), "cpu_allocator": args.allocator}
     else:  # peft defaults: fp32 input copies, torch dropout, transformers' sdpa
-        run = dict(precision="bf16", gradient_checkpointing=args.checkpointing, attn_impl="sdpa",
-                   device_kind=args.device, autocast=True, cpu_allocator=args.allocator)
+        run = {"precision": "bf16", "gradient_checkpointing": args.checkpointing, "attn_impl": "sdpa",
+                   "device_kind": args.device, "autocast": True, "cpu_allocator": args.allocator}
     return estimate_memory(model_config(shape), sequence_length=seq, batch_size=batch, lora_r=LORA_R,
                            lora_targets=TARGETS, packing=True, lora_dropout=LORA_DROPOUT,
                            labelled_fraction=LABELLED, **run)
@@ -204,7 +204,7 @@ def run_case(shape, seq, batch, args, model_dir) -> dict:
            "--steps", str(args.steps), "--device", args.device, "--threads", str(args.threads),
            "--loop", args.loop, "--allocator", args.allocator] + (["--checkpointing"] if args.checkpointing else []) + (["--model-dir", str(model_dir)] if model_dir else [])
     env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"worker failed for {shape} seq={seq} batch={batch}:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -245,8 +245,8 @@ def main(argv=None) -> int:
     def report(shape, seq, batch, got):
         est = estimate(shape, seq, batch, args).measurable_gb * 1024
         ratio = est / got if got else float("inf")
-        rows.append(dict(shape=shape, seq=seq, batch=batch, estimate_mib=round(est, 1), measured_mib=round(got, 1),
-                         ratio=round(ratio, 3)))
+        rows.append({"shape": shape, "seq": seq, "batch": batch, "estimate_mib": round(est, 1), "measured_mib": round(got, 1),
+                         "ratio": round(ratio, 3)})
         flag = "" if 0.75 <= ratio <= 1.25 else "  <-- outside ±25%"
         print(f"{shape:<9}{seq:>6}{batch:>6}{est:>14.1f}{got:>14.1f}{ratio:>7.2f}{flag}", flush=True)
 

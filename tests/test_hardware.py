@@ -12,8 +12,18 @@ from pathlib import Path
 import pytest
 
 from hafs.training.hardware import (
-    CU128_HINT, Capabilities, CpuInfo, CudaGpu, MpsInfo, _sass_runs_on, detect, detect_report,
-    gpu_supported_by_build, preflight, profile_block, rank_presets,
+    CU128_HINT,
+    Capabilities,
+    CpuInfo,
+    CudaGpu,
+    MpsInfo,
+    _sass_runs_on,
+    detect,
+    detect_report,
+    gpu_supported_by_build,
+    preflight,
+    profile_block,
+    rank_presets,
 )
 from hafs.training.loader import load_config, load_config_text
 from hafs.training.plan import resolve

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import types
 from pathlib import Path
 
@@ -12,7 +15,13 @@ from hafs.training.errors import HardwareError
 from hafs.training.hardware import Capabilities, CpuInfo, MpsInfo
 from hafs.training.loader import load_config
 from hafs.training.memory import (
-    GIB, ModelShape, check_memory, check_plan, estimate_for_plan, estimate_memory, fit_suggestions,
+    GIB,
+    ModelShape,
+    check_memory,
+    check_plan,
+    estimate_for_plan,
+    estimate_memory,
+    fit_suggestions,
     load_model_config,
 )
 from hafs.training.plan import resolve
@@ -31,8 +40,8 @@ MAC = Capabilities(os="Darwin", torch_version="2.13.0",
 
 
 def est(config=QWEN_15B, **kw):
-    args = dict(sequence_length=1024, batch_size=1, lora_r=8, lora_targets=TARGETS, precision="bf16",
-                gradient_checkpointing=False, packing=False, attn_impl="sdpa", device_kind="cuda")
+    args = {"sequence_length": 1024, "batch_size": 1, "lora_r": 8, "lora_targets": TARGETS, "precision": "bf16",
+                "gradient_checkpointing": False, "packing": False, "attn_impl": "sdpa", "device_kind": "cuda"}
     return estimate_memory(config, **{**args, **kw})
 
 
@@ -175,8 +184,8 @@ def test_checkpointing_precision_and_breakdown():
 
 
 def test_fit_suggestions_are_the_largest_that_fit():
-    asked = dict(sequence_length=4096, batch_size=4, lora_r=8, lora_targets=TARGETS, precision="bf16",
-                 packing=False, device_kind="cuda")
+    asked = {"sequence_length": 4096, "batch_size": 4, "lora_r": 8, "lora_targets": TARGETS, "precision": "bf16",
+                 "packing": False, "device_kind": "cuda"}
     plain = est(sequence_length=4096, batch_size=4).total_gb
     ckpt = est(sequence_length=4096, batch_size=4, gradient_checkpointing=True).total_gb
     budget = (plain + ckpt) / 2
@@ -220,7 +229,7 @@ def test_check_plan_turns_on_checkpointing_only_when_needed(cfg):
     plan.hardware.available_memory_gb = (plain + ckpt) / 2
     e = check_plan(plan, settings, log=logged.append, model_config=QWEN_15B)
     assert settings.gradient_checkpointing is True and e.settings["gradient_checkpointing"]
-    assert any("gradient checkpointing turned on" in line for line in logged)
+    assert any(f"without it the run needs ~{plain:.1f} GiB" in line for line in logged)
     plan.hardware.available_memory_gb = ckpt / 2
     settings.gradient_checkpointing = False
     with pytest.raises(HardwareError, match="does not fit in memory"):
@@ -248,6 +257,14 @@ def test_load_model_config_sources(tmp_path, monkeypatch):
     assert "Qwen/Qwen2.5-Coder-1.5B" in err.value.problems[0].message and "--force" in err.value.problems[0].hint
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, filename, **kw: str(FIXTURE))
     assert load_model_config("Qwen/Qwen2.5-Coder-1.5B")["hidden_size"] == 1536
+    assert load_model_config(str(FIXTURE))["num_hidden_layers"] == 28
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    monkeypatch.setenv("HAFS_MODEL_CONFIGS", str(FIXTURE.parent))  # how --dry-run gets a verdict offline
+    assert load_model_config("Qwen/Qwen2.5-Coder-1.5B") == QWEN_15B
+    (tmp_path / "acme--tiny.json").write_text(json.dumps(TINY))
+    monkeypatch.setenv("HAFS_MODEL_CONFIGS", f"{empty}{os.pathsep}{tmp_path}")
+    assert load_model_config("acme/tiny") == TINY
 
     from hafs.training import demo
 
@@ -260,3 +277,20 @@ def test_unreadable_configs_are_hardware_errors():
         ModelShape.from_config({"hidden_size": 64, "num_attention_heads": 4, "vocab_size": 10})
     gpt2 = ModelShape.from_config({"n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 100})
     assert (gpt2.hidden, gpt2.layers, gpt2.kv_heads, gpt2.intermediate) == (64, 2, 4, 256)
+
+
+def test_release_freed_memory_sets_glibcs_threshold():
+    """On glibc the call succeeds (in a child process: it changes malloc for the whole process)."""
+    code = "from hafs.training.memory import release_freed_memory as r; print(r())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    import platform
+
+    expected = "True" if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc" else "False"
+    assert out == expected
+
+
+def test_cpu_allocator_mode_changes_only_the_cpu_overhead():
+    glibc = est(device_kind="cpu", sequence_length=2048, batch_size=4)
+    mmap = est(device_kind="cpu", sequence_length=2048, batch_size=4, cpu_allocator="mmap")
+    assert glibc.activations_gb == mmap.activations_gb and glibc.overhead_gb > mmap.overhead_gb + 1.0
+    assert est(cpu_allocator="mmap").total_gb == est().total_gb  # CUDA: no effect

@@ -181,7 +181,7 @@ class Capabilities:
         return json.loads(json.dumps(out))  # tuples -> lists
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Capabilities":
+    def from_dict(cls, data: dict) -> Capabilities:
         """Inverse of to_dict (derived keys ignored)."""
         gpus = tuple(CudaGpu(g["index"], g["name"], g["total_memory_gb"], tuple(g["capability"]),
                              g["supported_by_build"], g["bf16"]) for g in data.get("gpus", []))
@@ -246,8 +246,8 @@ def install_hint(capability: tuple[int, int]) -> str:
 def detect() -> Capabilities:
     """Look at this machine (imports torch; never raises: what cannot be read is left empty)."""
     cpu, notes = _detect_cpu(), []
-    base = dict(os=platform.system(), os_version=platform.release(), python_version=platform.python_version(),
-                cpu=cpu)
+    base = {"os": platform.system(), "os_version": platform.release(), "python_version": platform.python_version(),
+                "cpu": cpu}
     try:
         import torch
     except Exception as exc:  # noqa: BLE001 - a broken torch install is still a machine to describe
@@ -321,7 +321,8 @@ def _sysctl(key: str) -> str:
     import subprocess
 
     try:
-        return subprocess.run(["sysctl", "-n", key], capture_output=True, text=True, timeout=5).stdout.strip()
+        return subprocess.run(["sysctl", "-n", key], capture_output=True, text=True, timeout=5,
+                              check=False).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
 
@@ -360,7 +361,7 @@ class Preflight:
     notes: list[str] = field(default_factory=list)
     """Changes made and things worth knowing (precision downgraded, a GPU skipped)."""
 
-    def raise_for_problems(self, preset: str = "") -> "Preflight":
+    def raise_for_problems(self, preset: str = "") -> Preflight:
         """HardwareError listing every problem, if there are any."""
         if self.problems:
             raise HardwareError(self.problems, title=f"Preset '{preset}' cannot run on this machine:" if preset else "")
@@ -381,14 +382,15 @@ def _device_check(hw, caps: Capabilities) -> tuple[str, list[tuple[str, str]], l
         if not caps.gpus:
             why = ("no CUDA GPU is visible" if caps.torch_cuda_version
                    else f"no CUDA GPU is usable: {_build_phrase(caps)} is a CPU-only build")
-            hint = CU128_HINT + " if this machine has an NVIDIA GPU" if not caps.torch_cuda_version and \
-                caps.os != "Darwin" else ""
+            hint = ""
+            if not caps.torch_cuda_version and caps.os != "Darwin":
+                hint = CU128_HINT + " if this machine has an NVIDIA GPU"
             return "cuda", [(why, hint)], notes
         usable = caps.usable_gpus()
         if not usable:
             g = caps.gpus[0]
-            return "cuda", [(f"{g.name} has CUDA capability {g.sm}, which {_build_phrase(caps)} has no kernels "
-                             f"for (built for {' '.join(caps.cuda_arch_list) or 'unknown targets'})",
+            return "cuda", [((f"{g.name} has CUDA capability {g.sm}, which {_build_phrase(caps)} has no kernels "
+                             f"for (built for {' '.join(caps.cuda_arch_list) or 'unknown targets'})"),
                              install_hint(g.capability))], notes
         if len(usable) < len(caps.gpus):
             bad = [g for g in caps.gpus if not g.supported_by_build]
@@ -419,8 +421,8 @@ def _precision_check(hw, device: str, precision: str, caps: Capabilities, preset
     if device == "cpu":
         if precision in ("bf16", "fp16") and not (caps.cpu.bf16_fast if precision == "bf16" else caps.cpu.fp16_fast):
             isa = "AVX512-BF16 or AMX" if precision == "bf16" else "AVX512-FP16"
-            return "fp32", [], [f"{precision} requested but this CPU ({caps.cpu.model_name or caps.cpu.arch}) has no "
-                                f"{isa}: training in fp32 (emulated {precision} would be slower)"]
+            return "fp32", [], [(f"{precision} requested but this CPU ({caps.cpu.model_name or caps.cpu.arch}) has no "
+                                f"{isa}: training in fp32 (emulated {precision} would be slower)")]
         return precision, [], []
     if precision != "bf16":
         return precision, [], []
@@ -436,8 +438,8 @@ def _precision_check(hw, device: str, precision: str, caps: Capabilities, preset
     if hw.device == "auto":  # the user did not pin the device: adapt instead of refusing
         fallback = "fp16" if hw.supports_fp16 else "fp32"
         return fallback, [], [f"{lacking}; training in {fallback}"]
-    return precision, [(lacking, f'set precision = "fp16" in [presets.{preset_key}], or supports_bf16 = false '
-                                 f'in the hardware profile so "auto" picks fp16')], []
+    return precision, [(lacking, (f'set precision = "fp16" in [presets.{preset_key}], or supports_bf16 = false '
+                                 f'in the hardware profile so "auto" picks fp16'))], []
 
 
 def preflight(plan, caps: Capabilities, cfg=None, *, suggest: bool = True) -> Preflight:
@@ -539,11 +541,11 @@ def profile_block(caps: Capabilities, name: str = "") -> str:
                                                  (math.inf, 8192, 8)) if memory < limit)
     key = name or "local-" + (re.sub(r"[^a-z0-9]+", "-", re.sub(r"(?i)nvidia|geforce", "", gpus[0].name).lower())
                               .strip("-") if device == "cuda" else device)
-    values = dict(name=label, device=device, available_memory_gb=memory, max_batch_size=batch,
-                  max_sequence_length=seq, supports_fp16=fp16, supports_bf16=bf16,
-                  supports_gradient_checkpointing=device != "mps",  # the user's note: breaks LoRA on MPS
-                  max_lora_rank=16 if memory < 12 else 32 if memory < 24 else 64,
-                  recommended_gradient_accumulation=max(1, 8 // batch))
+    values = {"name": label, "device": device, "available_memory_gb": memory, "max_batch_size": batch,
+                  "max_sequence_length": seq, "supports_fp16": fp16, "supports_bf16": bf16,
+                  "supports_gradient_checkpointing": device != "mps",  # the user's note: breaks LoRA on MPS
+                  "max_lora_rank": 16 if memory < 12 else 32 if memory < 24 else 64,
+                  "recommended_gradient_accumulation": max(1, 8 // batch)}
     if device == "cuda" and len(gpus) > 1:
         values["num_gpus"] = len(gpus)
     unsupported = [g for g in caps.gpus if not g.supported_by_build]

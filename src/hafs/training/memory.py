@@ -17,6 +17,7 @@ bench/memory_accuracy.py compares these figures with measured peaks (CPU RSS, CU
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -65,7 +66,7 @@ class ModelShape:
     """config.json's model_type, for messages."""
 
     @classmethod
-    def from_config(cls, config: dict, source: str = "config.json") -> "ModelShape":
+    def from_config(cls, config: dict, source: str = "config.json") -> ModelShape:
         """Read the shape; raises HardwareError naming the missing key for configs we cannot read."""
         config = config.get("text_config", config) if isinstance(config.get("text_config"), dict) else config
 
@@ -153,19 +154,19 @@ class MemoryEstimate:
     def render(self) -> str:
         """The breakdown as aligned lines, for --dry-run."""
         s = self.settings
-        rows = [("frozen weights", self.weights_gb, f"{s.get('parameters', 0) / 1e6:,.0f}M params in "
-                                                    f"{s.get('precision', '')}"),
+        rows = [("frozen weights", self.weights_gb, (f"{s.get('parameters', 0) / 1e6:,.0f}M params in "
+                                                    f"{s.get('precision', '')}")),
                 ("LoRA params+grads+AdamW", self.lora_gb, f"{s.get('lora_parameters', 0) / 1e6:,.2f}M params, fp32"),
                 ("activations", self.activations_gb, f"{s.get('tokens', 0):,} tokens, attention {s.get('attn_impl')}"
                  + (", checkpointed" if s.get("gradient_checkpointing") else "")),
-                ("logits/loss buffers", self.logits_gb, f"chunks of {s.get('loss_chunk', 0):,} tokens x "
-                                                        f"{s.get('vocab', 0):,} vocab"),
+                ("logits/loss buffers", self.logits_gb, (f"chunks of {s.get('loss_chunk', 0):,} tokens x "
+                                                        f"{s.get('vocab', 0):,} vocab")),
                 ("framework overhead", self.overhead_gb, "allocator, workspaces"),
                 ("runtime", self.runtime_gb, s.get("runtime_note", ""))]
         lines = [f"{name:<25}{gb:7.2f} GiB  {why}" for name, gb, why in rows]
         return "\n".join(lines + [f"{'total':<25}{self.total_gb:7.2f} GiB  ({s.get('device_kind', '?')})"])
 
-    def suggestions(self, available_memory_gb: float) -> "FitSuggestions":
+    def suggestions(self, available_memory_gb: float) -> FitSuggestions:
         """The largest settings that fit `available_memory_gb`, varying this estimate's inputs."""
         kwargs = {k: v for k, v in self.inputs.items() if k not in ("sequence_length", "batch_size")}
         return fit_suggestions(self.shape, available_memory_gb=available_memory_gb,
@@ -199,13 +200,15 @@ def estimate_memory(model_config, *, sequence_length: int, batch_size: int, lora
                     device_kind: str = "cpu", lora_dropout: float = 0.05, loss_chunk_tokens: int | None = None,
                     labelled_fraction: float = 1.0, autocast: bool | None = None,
                     dropout_mask_bytes: int | None = None, lora_input_cast: bool = True,
-                    cpu_allocator: str = "glibc") -> MemoryEstimate:
+                    lean_kernels: bool = False, cpu_allocator: str = "glibc") -> MemoryEstimate:
     """Predict the peak memory of LoRA training; see the module docstring for what each term counts.
 
     `model_config` is a config.json dict (or a ModelShape). `labelled_fraction` is the share of tokens
     with a loss (1.0, the default, is the worst case). `autocast` (default: on unless fp32) runs the fp32
     adapters' matmuls in the compute dtype, so their saved inputs are half-width copies; `lora_input_cast`
-    is peft's cast of the adapter input to fp32 (the engine turns it off under autocast).
+    is peft's cast of the adapter input to fp32 (the engine turns it off under autocast). `lean_kernels`:
+    hafs.training.kernels' LoRA and SwiGLU forwards (one saved input per sibling group, byte masks, no
+    silu(gate)).
     `loss_chunk_tokens` defaults to the trainer's rule (loss.default_chunk_size). `cpu_allocator`:
     "glibc" (the default malloc) or "mmap" (after `release_freed_memory()`).
     """
@@ -228,13 +231,16 @@ def estimate_memory(model_config, *, sequence_length: int, batch_size: int, lora
 
     if dropout_mask_bytes is None:  # CPU/MPS dropout multiplies by a mask in the input's dtype; CUDA's is bytes
         dropout_mask_bytes = 1 if device == "cuda" else 4 if lora_input_cast else act
+    if lean_kernels:
+        dropout_mask_bytes = 1
     per_token_layer = _layer_bytes_per_token(shape, targets, act, lora_r, lora_dropout, dropout_mask_bytes,
-                                             act if autocast else 4)
+                                             act if autocast else 4, lean_kernels)
     # transformers repeats k/v for SDPA whenever there is a mask (use_gqa_in_sdpa), except on MPS; packing,
     # padding (batch > 1) and eager attention all bring one. Varlen kernels need no mask and do GQA natively.
     varlen = attn_impl in VARLEN_ATTN
     masked = not varlen and (packing or batch > 1 or attn_impl == "eager")
     kv_width = shape.heads if (masked and device != "mps") else shape.kv_heads
+    # (kernels._causal's fp32 path for short CPU examples is cast back to bf16 by autocast: measured.)
     attn = (2 * shape.heads + 2 * kv_width) * shape.head_dim * act + shape.heads * 4
     per_layer = tokens * (per_token_layer + attn)
     if attn_impl == "eager":
@@ -248,7 +254,8 @@ def estimate_memory(model_config, *, sequence_length: int, batch_size: int, lora
     else:
         # The first layer's input comes from frozen embeddings and needs no gradient, so its first norm
         # keeps nothing and dropout on the modules it feeds keeps no mask.
-        fed = sum(dims[t][0] for t in targets if t in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"))
+        fed = 0 if lean_kernels else sum(dims[t][0] for t in targets if t in ("q_proj", "k_proj", "v_proj",
+                                                                               "gate_proj", "up_proj"))
         first = tokens * (4 * h + (fed * dropout_mask_bytes if lora_dropout > 0 else 0))
         kept = shape.layers * per_layer - first
     # Backward of one layer needs about one layer's activations as gradients; plus the residual-stream
@@ -266,22 +273,30 @@ def estimate_memory(model_config, *, sequence_length: int, batch_size: int, lora
     overhead = FRAMEWORK_OVERHEAD_GB[device] * GIB + frag * (activations + logits)
     runtime_note = {"cpu": "Python, torch, transformers (outside the measured peak)",
                     "cuda": "CUDA context and allocator reserve", "mps": "Metal runtime"}[device]
-    settings = dict(model_type=shape.model_type, parameters=params, lora_parameters=lora_params,
-                    precision=precision, tokens=tokens, sequence_length=seq, batch_size=batch,
-                    attn_impl=attn_impl, gradient_checkpointing=bool(gradient_checkpointing),
-                    packing=bool(packing), loss_chunk=chunk, vocab=shape.vocab, device_kind=device,
-                    lora_r=lora_r, lora_targets=targets, runtime_note=runtime_note,
-                    cpu_allocator=cpu_allocator if device == "cpu" else "", saved_bytes=saved)
+    settings = {"model_type": shape.model_type, "parameters": params, "lora_parameters": lora_params,
+                    "precision": precision, "tokens": tokens, "sequence_length": seq, "batch_size": batch,
+                    "attn_impl": attn_impl, "gradient_checkpointing": bool(gradient_checkpointing),
+                    "packing": bool(packing), "loss_chunk": chunk, "vocab": shape.vocab, "device_kind": device,
+                    "lora_r": lora_r, "lora_targets": targets, "runtime_note": runtime_note,
+                    "cpu_allocator": cpu_allocator if device == "cpu" else "", "saved_bytes": saved}
     return MemoryEstimate(weights_gb=weights / GIB, lora_gb=lora / GIB, activations_gb=activations / GIB,
                           logits_gb=logits / GIB, overhead_gb=overhead / GIB, runtime_gb=RUNTIME_GB[device],
                           settings=settings, inputs=inputs, shape=shape)
 
 
 def _layer_bytes_per_token(shape: ModelShape, targets, act: int, r: int, dropout: float, mask_bytes: int,
-                           lora_in_bytes: int) -> int:
+                           lora_in_bytes: int, lean: bool = False) -> int:
     """Bytes one decoder layer keeps for backward per token, apart from attention's q/k/v/out."""
     dims = shape.module_dims()
     total = 2 * shape.hidden * 4  # two RMSNorms keep their fp32 input
+    if lean:
+        total += 2 * shape.intermediate * act  # gate and up (silu(gate) is recomputed)
+        # Sibling adapters share one saved input (q/k/v: the first norm's output; gate/up: the second's)
+        # and each keeps its byte mask and its r-wide activation.
+        groups = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "gate_proj": "mlp", "up_proj": "mlp"}
+        inputs = {groups.get(t, t): dims[t][0] for t in targets}
+        total += sum(inputs.values()) * act
+        return total + sum(dims[t][0] * (mask_bytes if dropout > 0 else 0) + r * act for t in targets)
     total += 3 * shape.intermediate * act  # gate, silu(gate), up
     for name in targets:
         d_in = dims[name][0]
@@ -292,7 +307,7 @@ def _layer_bytes_per_token(shape: ModelShape, targets, act: int, r: int, dropout
 
 
 def fit_suggestions(model_config: dict, *, available_memory_gb: float, sequence_length: int, batch_size: int,
-                    gradient_checkpointing: bool, **kwargs) -> "FitSuggestions":
+                    gradient_checkpointing: bool, **kwargs) -> FitSuggestions:
     """Largest sequence_length / batch_size that fit `available_memory_gb`, and whether checkpointing would."""
     def total(seq: int, batch: int, gc: bool = gradient_checkpointing) -> float:
         return estimate_memory(model_config, sequence_length=seq, batch_size=batch, gradient_checkpointing=gc,
@@ -361,7 +376,7 @@ class FitSuggestions:
         return "fits with " + ", or ".join(options) + " (or --force to try anyway)"
 
 
-def release_freed_memory(threshold_bytes: int = 1 << 16) -> bool:
+def release_freed_memory(threshold_bytes: int = 1 << 20) -> bool:
     """Make glibc return freed large blocks to the OS (fixed mmap threshold); False where unavailable.
 
     glibc raises its mmap threshold (up to 32 MiB) after the first large free, so activation buffers
@@ -383,15 +398,19 @@ def release_freed_memory(threshold_bytes: int = 1 << 16) -> bool:
 
 
 def load_model_config(base_model: str, trust_remote_code: bool = False) -> dict:
-    """config.json of a local model directory, the offline demo model, or a hub repository.
+    """config.json of a local model directory (or .json file), the offline demo model, or a hub repository.
 
-    Only JSON is read, so `trust_remote_code` never runs anything here; it is accepted for symmetry with
-    model loading. Raises HardwareError with what to do when the config cannot be had.
+    Hub ids are looked up first in the folders of $HAFS_MODEL_CONFIGS (os.pathsep-separated; files named
+    `ORG--NAME.json` or `name-config.json`, e.g. tests/fixtures), then in the hub cache or the hub itself.
+    Only JSON is read, so `trust_remote_code` never runs anything here. Raises HardwareError saying what
+    to do when no config can be had.
     """
     del trust_remote_code
     path = Path(base_model).expanduser()
     if path.is_dir():
         return _read_json(path / "config.json")
+    if path.suffix == ".json" and path.is_file():
+        return _read_json(path)
     if base_model.startswith("hafs-demo/"):
         from . import demo  # lazy: the demo builder imports transformers
 
@@ -399,19 +418,22 @@ def load_model_config(base_model: str, trust_remote_code: bool = False) -> dict:
         if getter is not None:
             return dict(getter(base_model))
         return _read_json(Path(demo.resolve_demo_model(base_model)) / "config.json")
-    if path.suffix == ".json" and path.is_file():
-        return _read_json(path)
+    name = base_model.rstrip("/").split("/")[-1]
+    for folder in filter(None, os.environ.get("HAFS_MODEL_CONFIGS", "").split(os.pathsep)):
+        for candidate in (base_model.replace("/", "--") + ".json", f"{name.lower()}-config.json"):
+            if (Path(folder).expanduser() / candidate).is_file():
+                return _read_json(Path(folder).expanduser() / candidate)
     try:
         from huggingface_hub import hf_hub_download
 
         local = hf_hub_download(base_model, "config.json")  # uses the cache; honours HF_HUB_OFFLINE
-    except Exception as exc:  # network, auth, missing repo: all mean "no config to read"
+    except Exception as exc:  # noqa: BLE001 - network, auth, missing repo: all mean "no config to read"
+        first = str(exc).splitlines()[0][:200] if str(exc) else ""
         raise HardwareError([Problem(
-            f"cannot read config.json of '{base_model}' for the memory estimate: {type(exc).__name__}: "
-            f"{str(exc).splitlines()[0][:200] if str(exc) else ''}".rstrip(": "),
-            key="expert.base_model",
-            hint="connect once so the hub cache has it, point base_model at a local model directory, "
-                 "or pass --force to skip the memory check")]) from None
+            f"cannot read config.json of '{base_model}' for the memory estimate ({type(exc).__name__}"
+            + (f": {first})" if first else ")"), key="expert.base_model",
+            hint="connect once so the hub cache has it, point base_model at a local model directory, set "
+                 "HAFS_MODEL_CONFIGS to a folder holding its config.json, or pass --force to skip the check")]) from None
     return _read_json(Path(local))
 
 
@@ -480,12 +502,13 @@ def settings_kwargs(settings) -> dict:
     autocast = bool(getattr(settings, "autocast_dtype", None))
     attn = getattr(settings, "attn_implementation", "sdpa")
     allocator = getattr(settings, "cpu_allocator", "glibc")
-    return dict(device_kind=device, precision=settings.precision, attn_impl=attn if attn in ATTN_IMPLS else "sdpa",
-                gradient_checkpointing=bool(getattr(settings, "gradient_checkpointing", False)),
-                loss_chunk_tokens=getattr(settings, "loss_chunk_size", None), autocast=autocast,
-                lora_input_cast=not autocast,  # model_loading.prepare_for_training: no fp32 copy under autocast
-                dropout_mask_bytes=1 if getattr(settings, "fast_dropout", False) else None,
-                cpu_allocator=allocator if allocator in CPU_ALLOCATORS else "glibc")
+    return {"device_kind": device, "precision": settings.precision, "attn_impl": attn if attn in ATTN_IMPLS else "sdpa",
+                "gradient_checkpointing": bool(getattr(settings, "gradient_checkpointing", False)),
+                "loss_chunk_tokens": getattr(settings, "loss_chunk_size", None), "autocast": autocast,
+                "lora_input_cast": not autocast,  # model_loading.prepare_for_training: no fp32 copy under autocast
+                "dropout_mask_bytes": 1 if getattr(settings, "fast_dropout", False) else None,
+                "lean_kernels": bool(getattr(settings, "lean_kernels", False)),
+                "cpu_allocator": allocator if allocator in CPU_ALLOCATORS else "glibc"}
 
 
 def _plan_kwargs(plan, settings=None, caps=None) -> dict:
@@ -495,7 +518,7 @@ def _plan_kwargs(plan, settings=None, caps=None) -> dict:
         run["gradient_checkpointing"] = run["gradient_checkpointing"] or bool(plan.gradient_checkpointing)
     else:
         device = plan.device if plan.device != "auto" else (caps.best_device() if caps is not None else "cpu")
-        run = dict(device_kind=device, precision=plan.precision, gradient_checkpointing=bool(plan.gradient_checkpointing))
+        run = {"device_kind": device, "precision": plan.precision, "gradient_checkpointing": bool(plan.gradient_checkpointing)}
     return dict(sequence_length=plan.sequence_length, batch_size=plan.batch_size, lora_r=plan.lora.r,
                 lora_targets=list(plan.lora.target_modules), lora_dropout=plan.lora.lora_dropout,
                 packing=plan.packing, **run)
@@ -520,9 +543,9 @@ def check_memory(plan, model_config: dict, *, settings=None, caps=None, force: b
             and hw.supports_gradient_checkpointing:
         with_gc = estimate_memory(model_config, **{**kwargs, "gradient_checkpointing": True})
         if with_gc.total_gb <= budget:
-            est = with_gc
             notes.append(f"gradient checkpointing turned on: without it the run needs ~{est.total_gb:.1f} GiB "
-                         f"of {budget:g}")
+                         f"of {budget:g}, with it ~{with_gc.total_gb:.1f}")
+            est = with_gc
     gc = est.settings["gradient_checkpointing"]
     if est.total_gb <= budget:
         return MemoryVerdict(est, budget, True, gc, notes=notes)
