@@ -84,20 +84,24 @@ def dry_run(cfg: TrainingFile, preset: str, overrides=None, *, force: bool = Fal
                                          f"({plan.batch_size} x {plan.gradient_accumulation}"
                                          + (f" x {world} workers)" if world > 1 else ")"))
     report.numbers["max tokens per step"] = plan.max_tokens_per_step(world)
+    caps = caps or _detect()
     _preflight(plan, report, caps)
     lengths = _dataset(plan, report)
     if lengths is not None:
         _steps(plan, report, lengths)
-    _memory(plan, report, force)
+    _memory(plan, report, force, caps)
     return report
 
 
+def _detect():
+    from .hardware import detect
+
+    return detect()
+
+
 def _preflight(plan, report, caps) -> None:
-    try:
-        from . import hardware
-    except ImportError:  # pragma: no cover - module always shipped
-        return
-    caps = caps or hardware.detect()
+    from . import hardware
+
     result = hardware.preflight(plan, caps)
     report.problems += result.problems
     report.notes += result.notes
@@ -166,21 +170,16 @@ def _steps(plan, report, lengths) -> None:
         report.numbers["checkpoints"] = f"every {plan.save_steps} steps, keep {plan.save_total_limit}"
 
 
-def _memory(plan, report, force: bool) -> None:
+def _memory(plan, report, force: bool, caps=None) -> None:
+    from .memory import check_memory, load_model_config
+    from .precision import run_settings
+
     try:
-        from .memory import estimate_for_plan
-    except ImportError:  # pragma: no cover
-        return
-    try:
-        est = estimate_for_plan(plan)
+        config = load_model_config(plan.expert.base_model, plan.expert.trust_remote_code)
     except HafsError as exc:
         report.notes.append("memory estimate unavailable: " + exc.problems[0].message)
         return
-    report.memory = est.to_dict()
-    report.memory_text = est.render()
-    if est.total_gb > plan.hardware.available_memory_gb:
-        problem = est.over_limit_problem(plan)
-        if force:
-            report.notes.append("--force: " + problem.message)
-        else:
-            report.problems.append(problem)
+    verdict = check_memory(plan, config, settings=run_settings(plan, caps), caps=caps, force=force)
+    report.memory, report.memory_text = verdict.estimate.to_dict(), verdict.render()
+    report.problems += verdict.problems
+    report.notes += verdict.notes
