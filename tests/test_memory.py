@@ -251,12 +251,20 @@ def test_load_model_config_sources(tmp_path, monkeypatch):
     def offline(repo, filename, **kw):
         raise OSError("We couldn't connect to 'https://huggingface.co'")
 
+    from hafs.training import memory
+
+    monkeypatch.setattr(memory, "_hub_reachable", lambda timeout=2.0: True)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
     with pytest.raises(HardwareError) as err:
-        load_model_config("Qwen/Qwen2.5-Coder-1.5B")
-    assert "Qwen/Qwen2.5-Coder-1.5B" in err.value.problems[0].message and "--force" in err.value.problems[0].hint
+        load_model_config("acme/unknown-7b")
+    assert "acme/unknown-7b" in err.value.problems[0].message and "--force" in err.value.problems[0].hint
+    # the seed's base model has its shape shipped with hafs: an offline dry run still gets a verdict
+    assert load_model_config("Qwen/Qwen2.5-Coder-1.5B") == QWEN_15B
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, filename, **kw: str(FIXTURE))
-    assert load_model_config("Qwen/Qwen2.5-Coder-1.5B")["hidden_size"] == 1536
+    assert load_model_config("acme/unknown-7b")["hidden_size"] == 1536
+    monkeypatch.setattr(memory, "_hub_reachable", lambda timeout=2.0: False)
+    with pytest.raises(HardwareError, match="cannot be reached"):
+        load_model_config("acme/unknown-7b")
     assert load_model_config(str(FIXTURE))["num_hidden_layers"] == 28
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)

@@ -419,14 +419,22 @@ def load_model_config(base_model: str, trust_remote_code: bool = False) -> dict:
             return dict(getter(base_model))
         return _read_json(Path(demo.resolve_demo_model(base_model)) / "config.json")
     name = base_model.rstrip("/").split("/")[-1]
-    for folder in filter(None, os.environ.get("HAFS_MODEL_CONFIGS", "").split(os.pathsep)):
+    # The hub cache first (it is what will be trained), then folders the user names, then the shapes
+    # shipped with hafs (the seed's base model), so an offline dry run still gets a verdict.
+    cached = _hub_cached_config(base_model)
+    if cached is not None:
+        return _read_json(cached)
+    folders = os.environ.get("HAFS_MODEL_CONFIGS", "").split(os.pathsep) + [str(BUNDLED_CONFIGS)]
+    for folder in filter(None, folders):
         for candidate in (base_model.replace("/", "--") + ".json", f"{name.lower()}-config.json"):
             if (Path(folder).expanduser() / candidate).is_file():
                 return _read_json(Path(folder).expanduser() / candidate)
     try:
         from huggingface_hub import hf_hub_download
 
-        local = hf_hub_download(base_model, "config.json")  # uses the cache; honours HF_HUB_OFFLINE
+        if not _hub_reachable():  # fail in a second, not after the hub client's 25 s of retries
+            raise ConnectionError("huggingface.co cannot be reached (offline?)")
+        local = hf_hub_download(base_model, "config.json")  # honours HF_HUB_OFFLINE
     except Exception as exc:  # noqa: BLE001 - network, auth, missing repo: all mean "no config to read"
         first = str(exc).splitlines()[0][:200] if str(exc) else ""
         raise HardwareError([Problem(
@@ -435,6 +443,31 @@ def load_model_config(base_model: str, trust_remote_code: bool = False) -> dict:
             hint="connect once so the hub cache has it, point base_model at a local model directory, set "
                  "HAFS_MODEL_CONFIGS to a folder holding its config.json, or pass --force to skip the check")]) from None
     return _read_json(Path(local))
+
+
+BUNDLED_CONFIGS = Path(__file__).resolve().parent / "model_configs"
+
+
+def _hub_cached_config(base_model: str) -> Path | None:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(base_model, "config.json")
+    except Exception:  # noqa: BLE001 - not a repo id, or no cache: nothing cached
+        return None
+    return Path(found) if isinstance(found, str) else None
+
+
+def _hub_reachable(timeout: float = 2.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+        return False
+    import socket
+
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def _read_json(path: Path) -> dict:
