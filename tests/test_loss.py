@@ -127,3 +127,4 @@ def test_default_chunk_size_keeps_logits_small():
     assert default_chunk_size(16384) == 512
     assert default_chunk_size(151936) == 128
     assert default_chunk_size(100) == 4096
+    assert default_chunk_size(151936, "cuda") == 384  # bigger chunks on GPUs: fewer kernel launches

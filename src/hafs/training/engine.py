@@ -198,24 +198,29 @@ def build_scheduler(optimizer, plan, total_steps: int):
 # --------------------------------------------------------------------------- the loop
 
 def train(model, optimizer, scheduler, batches, plan, state: TrainState | None = None, hooks: Hooks | None = None,
-          eval_fn=None, settings: RunSettings | None = None, progress=None) -> TrainState:
+          eval_fn=None, settings: RunSettings | None = None, progress=None, dist=None) -> TrainState:
     """Train until state.total_steps (max_steps, else num_epochs) or hooks.should_stop(); returns the state.
 
     `batches(epoch)` gives that epoch's micro-batches (dicts of input_ids, labels, position_ids; Long[B, T]).
     `eval_fn(model)` returns the validation loss (float, (loss, tokens) or {"eval_loss": ...}).
     `progress`: a ProgressPrinter (default: one on stdout), or False for none.
+    `dist`: a distributed.DistContext: each step takes gradient_accumulation × world micro-batches,
+    rank r every world-th of them; token counts and gradients are summed over ranks (see distributed.py).
     """
     import torch
 
+    from .distributed import DistContext
+
     settings = settings or run_settings(plan)
+    dist = dist or DistContext(device=settings.device)
     hooks = hooks or Hooks()
     state = state or TrainState()
     if not state.total_steps:
-        state.total_steps = plan.total_steps(len(batches(state.epoch)))
+        state.total_steps = plan.total_steps(-(-len(batches(state.epoch)) // dist.world_size))
     if progress is None:
         progress = ProgressPrinter(state.total_steps, plan.logging_steps)
     if state.step == 0 and state.micro_batch == 0 and state.epoch == 0:
-        torch.manual_seed(plan.seed)  # dropout; a resumed run has its RNG restored by the caller
+        torch.manual_seed(plan.seed + dist.rank)  # dropout; a resumed run has its RNG restored by the caller
     device = settings.device
     params = [p for p in model.parameters() if p.requires_grad]
     scaler = torch.amp.GradScaler(device.split(":")[0]) if settings.grad_scaler else None
@@ -233,11 +238,11 @@ def train(model, optimizer, scheduler, batches, plan, state: TrainState | None =
             state.epoch, state.micro_batch = state.epoch + 1, 0
             epoch_batches = batches(state.epoch)
             continue
-        group = [epoch_batches[i] for i in range(state.micro_batch,
-                                                  min(state.micro_batch + plan.gradient_accumulation,
-                                                      len(epoch_batches)))]
-        n_labelled = sum(count_labelled(b["labels"]) for b in group)
-        step_tokens = sum(real_tokens(b) for b in group)
+        span = range(state.micro_batch, min(state.micro_batch + plan.gradient_accumulation * dist.world_size,
+                                            len(epoch_batches)))
+        group = [epoch_batches[i] for i in span[dist.rank::dist.world_size]]
+        n_labelled, step_tokens = dist.all_reduce_sum([sum(count_labelled(b["labels"]) for b in group),
+                                                       sum(real_tokens(b) for b in group)])
         loss_sum = torch.zeros((), dtype=torch.float32, device=device)
         for b in group:
             b = {k: v.to(device, non_blocking=True) for k, v in trim_batch(b, multiple).items()
@@ -248,6 +253,8 @@ def train(model, optimizer, scheduler, batches, plan, state: TrainState | None =
             scaled = part / max(n_labelled, 1)
             (scaler.scale(scaled) if scaler else scaled).backward()
             loss_sum += part.detach()
+        dist.all_reduce_grads(params)
+        dist.all_reduce_sum(loss_sum)
         loss = loss_sum.item() / max(n_labelled, 1)
         if not math.isfinite(loss):
             raise non_finite_loss(loss, state, plan, settings)
@@ -268,7 +275,7 @@ def train(model, optimizer, scheduler, batches, plan, state: TrainState | None =
         optimizer.zero_grad(set_to_none=True)
 
         state.step += 1
-        state.micro_batch += len(group)
+        state.micro_batch += len(span)
         state.tokens += step_tokens
         session_tokens += step_tokens
         state.loss_history.append([state.step, loss])

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 IGNORE_INDEX = -100
 """Label of positions that are not trained on."""
-LOGITS_BUDGET = 1 << 23
-"""Elements of one chunk of fp32 logits (32 MiB): a few hundred rows for a 150k vocabulary."""
+LOGITS_BUDGET = {"cpu": 1 << 23, "cuda": 1 << 26}
+"""Elements of one chunk of fp32 logits: 32 MiB on CPU (stays in cache), 256 MiB on GPUs (fewer launches)."""
 # Families whose logits are exactly `lm_head(final hidden state)`: no softcapping, no logit scale.
 # Others (Gemma 2/3 softcap, Cohere/Granite scale, ...) take the plain path through the model.
 PLAIN_HEAD_MODEL_TYPES = frozenset({
@@ -28,9 +28,9 @@ PLAIN_HEAD_MODEL_TYPES = frozenset({
 })
 
 
-def default_chunk_size(vocab_size: int) -> int:
+def default_chunk_size(vocab_size: int, device: str = "cpu") -> int:
     """Rows per chunk: LOGITS_BUDGET / vocab, a multiple of 64 between 128 and 4096."""
-    rows = LOGITS_BUDGET // max(1, vocab_size)
+    rows = LOGITS_BUDGET.get(str(device).split(":")[0], LOGITS_BUDGET["cpu"]) // max(1, vocab_size)
     return max(128, min(4096, rows // 64 * 64))
 
 
@@ -60,7 +60,7 @@ def fused_linear_cross_entropy(hidden, weight, targets, *, bias=None, chunk_size
 
     if hidden.shape[0] == 0:
         return (hidden.sum() * 0.0).float()
-    chunk = chunk_size or default_chunk_size(weight.shape[0])
+    chunk = chunk_size or default_chunk_size(weight.shape[0], hidden.device.type)
     dtype = compute_dtype or weight.dtype
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))

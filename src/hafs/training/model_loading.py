@@ -2,8 +2,7 @@
 
 Loading follows the run settings (`precision.run_settings`): frozen weights in the compute dtype,
 the attention kernel chosen for the device, safetensors only, remote code only when the expert
-opts in. Also here: per-example attention for packed rows (`varlen_attention_forward`) and the
-CPU dropout that LoRA uses (`FastDropout`).
+opts in. `prepare_for_training` installs the leaner pieces from `kernels` that the settings ask for.
 """
 
 from __future__ import annotations
@@ -11,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import ConfigError, Problem
-from .precision import DTYPES, VARLEN_ATTENTION, RunSettings, choose_attention
+from .kernels import VARLEN_ATTENTION, FastDropout, register_varlen_attention  # noqa: F401 (re-exported)
+from .precision import DTYPES, RunSettings, choose_attention
 
 # Unused special tokens that make a safe pad token when a tokenizer has none (no new embedding row).
 PAD_CANDIDATES = ("<|pad|>", "<pad>", "[PAD]", "<|fim_pad|>", "<|finetune_right_pad_id|>",
@@ -133,24 +133,28 @@ def apply_lora(model, plan, settings: RunSettings | None = None):
 
 
 def prepare_for_training(model, settings: RunSettings) -> None:
-    """Apply the run settings to a peft model: dropout kernel, input casting, checkpointing."""
+    """Apply the run settings to a peft model: LoRA and MLP forwards, dropout, checkpointing, Liger."""
+    import torch
+
+    from . import kernels
+
+    if settings.liger:
+        apply_liger(model)  # first: its MLP kernel replaces ours (patch_model skips patched MLPs)
     for module in model.modules():
         if hasattr(module, "lora_dropout") and hasattr(module, "cast_input_dtype_enabled"):
             # Under autocast the adapter's matmuls run in the compute dtype anyway; peft's cast of
             # the input to fp32 would only add a full-size copy (and autocast would cast it back).
             module.cast_input_dtype_enabled = settings.autocast_dtype is None
-        if settings.fast_dropout and hasattr(module, "lora_dropout"):
-            import torch
-
-            for name, drop in list(module.lora_dropout.items()):
-                if isinstance(drop, torch.nn.Dropout) and drop.p > 0:
-                    module.lora_dropout[name] = FastDropout(drop.p)
+            if settings.fast_dropout:
+                for name, drop in list(module.lora_dropout.items()):
+                    if isinstance(drop, torch.nn.Dropout) and drop.p > 0:
+                        module.lora_dropout[name] = FastDropout(drop.p)
+    if settings.lean_kernels:
+        kernels.patch_model(model, lora=True, swiglu=not settings.liger)
     if settings.gradient_checkpointing:
         # Non-reentrant: works with frozen embeddings (no enable_input_require_grads hack) and
         # with keyword arguments; reentrant checkpointing is deprecated in torch.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if settings.liger:
-        apply_liger(model)
 
 
 def apply_liger(model) -> bool:
@@ -174,172 +178,3 @@ def save_adapter(model, tokenizer, out_dir: Path) -> Path:
     base.config.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
-
-
-# --------------------------------------------------------------------------- CPU dropout
-
-def _fast_dropout_class():
-    import torch
-
-    class FastDropout(torch.nn.Module):
-        """Dropout with the keep mask drawn 4 lanes per 64-bit random number (16-bit thresholds).
-
-        torch's CPU dropout draws one mt19937 number per element, which at LoRA's input widths
-        costs as much as the layer's matmuls. Here one `random_()` int64 gives four 16-bit lanes;
-        an element is dropped when its lane is below round(p * 65536), so the drop probability is p
-        to within 1/65536. Uses torch's default generator (checkpoints restore it).
-        """
-
-        def __init__(self, p: float):
-            super().__init__()
-            self.p = float(p)
-            self.threshold = round(self.p * 65536) - 32768
-
-        def forward(self, x):
-            if not self.training or self.p == 0:
-                return x
-            n = x.numel()
-            # random_() alone would give 63-bit numbers (a lane that is never negative): full range.
-            words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-2**63, 2**63 - 1)
-            keep = words.view(torch.int16)[:n].view(x.shape) >= self.threshold
-            return x * keep * (1.0 / (1.0 - self.p))
-
-        def extra_repr(self) -> str:
-            return f"p={self.p}"
-
-    return FastDropout
-
-
-def FastDropout(p: float):
-    """A FastDropout module (class built lazily so importing this file stays torch-free)."""
-    global _FAST_DROPOUT
-    if _FAST_DROPOUT is None:
-        _FAST_DROPOUT = _fast_dropout_class()
-    return _FAST_DROPOUT(p)
-
-
-_FAST_DROPOUT = None
-
-
-# --------------------------------------------------------------------------- packed-row attention
-
-_registered = False
-_segments_cache: list = [None, None]  # [position_ids tensor, its segments]: layers share one batch
-
-
-def register_varlen_attention() -> None:
-    """Register VARLEN_ATTENTION with transformers' attention and mask interfaces (idempotent)."""
-    global _registered
-    if _registered:
-        return
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    AttentionInterface.register(VARLEN_ATTENTION, varlen_attention_forward)
-    AttentionMaskInterface.register(VARLEN_ATTENTION, _varlen_mask)
-    _registered = True
-
-
-def _varlen_mask(*args, **kwargs):
-    """No mask for plain causal/packed training batches (position_ids carry the boundaries); else sdpa's."""
-    from transformers.masking_utils import sdpa_mask
-
-    q_offset, q_len, kv_len = kwargs.get("q_offset", 0), kwargs.get("q_length"), kwargs.get("kv_length")
-    if (not args and kwargs.get("attention_mask") is None and isinstance(q_offset, int) and q_offset == 0
-            and q_len == kv_len and not kwargs.get("local_size") and not kwargs.get("use_vmap")):
-        return None
-    return sdpa_mask(*args, **kwargs)
-
-
-def row_segments(position_ids) -> list[list[tuple[int, int]]]:
-    """Per row, the (start, end) of each example: a new one starts wherever the position does not step by 1.
-
-    Trailing padding continues the last example's positions (batching.collate), so it stays in that
-    segment, after its real tokens, where causal attention keeps it from affecting them.
-    """
-    import torch
-
-    pos = position_ids
-    step = torch.ones_like(pos, dtype=torch.bool)
-    step[:, 1:] = (pos[:, 1:] - pos[:, :-1]) != 1
-    width = pos.shape[1]
-    out = []
-    for row in step.cpu().tolist():
-        starts = [t for t, s in enumerate(row) if s]
-        out.append(list(zip(starts, starts[1:] + [width])))
-    return out
-
-
-def _segments(position_ids, batch: int):
-    if _segments_cache[0] is not position_ids:
-        pos = position_ids if position_ids.shape[0] == batch else position_ids.expand(batch, -1)
-        _segments_cache[0], _segments_cache[1] = position_ids, row_segments(pos)
-    return _segments_cache[1]
-
-
-def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
-                             scaling: float | None = None, is_causal: bool | None = None, **kwargs):
-    """Causal attention within each example of packed rows; transformers' sdpa for anything else.
-
-    query [B, H, T, D], key/value [B, Hkv, T, D] → ([B, T, H, D], None), as sdpa_attention_forward.
-    """
-    import torch
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    position_ids = kwargs.get("position_ids")
-    batch, heads, width, dim = query.shape
-    plain = (attention_mask is not None or position_ids is None or key.shape[2] != width or width == 1
-             or dropout or kwargs.get("sliding_window") or not getattr(module, "is_causal", True)
-             or kwargs.get("softcap") is not None)
-    if plain:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, is_causal=is_causal, **kwargs)
-    segments = _segments(position_ids, batch)
-    gqa = key.shape[1] != heads
-    if query.device.type == "cuda":
-        if all(len(row) == 1 for row in segments):
-            return sdpa_attention_forward(module, query, key, value, None, scaling=scaling, is_causal=True, **kwargs)
-        return _cuda_varlen(query, key, value, segments, scaling, gqa), None
-    if all(len(row) == 1 for row in segments):
-        out = _cpu_causal(query, key, value, scaling, gqa)
-    else:
-        rows = []
-        for b, row in enumerate(segments):
-            parts = [_cpu_causal(query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e], scaling, gqa)
-                     for s, e in row]
-            rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
-        out = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
-    return out.transpose(1, 2).contiguous(), None
-
-
-CPU_BF16_ATTENTION_FROM = 384
-"""Sequence length from which the CPU flash kernel runs faster in bf16 than in fp32 (bench: 2.8x
-slower in bf16 at 76 tokens, 1.1x at 287, 0.8x at 1024)."""
-
-
-def _cpu_causal(query, key, value, scaling, gqa):
-    """Causal SDPA on CPU; short sequences in fp32, where its backward is faster than in bf16."""
-    import torch
-
-    dtype = query.dtype
-    if dtype == torch.bfloat16 and query.shape[2] < CPU_BF16_ATTENTION_FROM:
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query.float(), key.float(), value.float(), is_causal=True, scale=scaling, enable_gqa=gqa)
-        return out.to(dtype)
-    return torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
-                                                            enable_gqa=gqa)
-
-
-def _cuda_varlen(query, key, value, segments, scaling, gqa):
-    """torch's FlashAttention varlen kernel over the flattened tokens (one launch for all examples)."""
-    import torch
-    from torch.nn.attention.varlen import varlen_attn
-
-    batch, heads, width, dim = query.shape
-    bounds = [b * width + s for b, row in enumerate(segments) for s, _ in row] + [batch * width]
-    cu = torch.tensor(bounds, dtype=torch.int32, device=query.device)
-    longest = max(e - s for row in segments for s, e in row)
-    flat = lambda t: t.transpose(1, 2).reshape(batch * width, t.shape[1], dim)  # noqa: E731
-    out = varlen_attn(flat(query), flat(key), flat(value), cu, cu, longest, longest,
-                      scale=scaling, window_size=(-1, 0), enable_gqa=gqa)
-    return out.view(batch, width, heads, dim)
