@@ -121,7 +121,10 @@ def apply_lora(model, plan, settings: RunSettings | None = None):
     config = LoraConfig(r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
                         target_modules=list(lora.target_modules), bias=lora.bias, task_type="CAUSAL_LM")
     # The adapter's random init must not depend on what ran before (same seed, same adapter).
-    with torch.random.fork_rng(devices=[]):
+    import warnings
+
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         torch.manual_seed(plan.seed)
         peft_model = get_peft_model(model, config, autocast_adapter_dtype=True)
     for p in peft_model.parameters():
