@@ -14,7 +14,8 @@ Rows (each in its own subprocess, so peak RSS is per row):
   hafs     hafs's engine: the plan resolved from a generated training.toml, hafs data pipeline.
   hafs-gc  (GPU) the same with gradient checkpointing (memory for time).
   earlier  the user's earlier trainer: transformers Trainer + peft, every sample padded to
-           sequence_length, labels on every token (padding too), fp32.
+           sequence_length, labels on every token (padding too), fp32. Every step costs the same,
+           so it is timed on --earlier-steps steps (default 12) and scaled to the epoch.
   trl      TRL SFTTrainer with its defaults (bf16 autocast, gradient checkpointing, padding to the
            longest in the batch, completion-only loss) on a prompt/completion dataset.
   trl-nogc the same without gradient checkpointing.
@@ -302,7 +303,15 @@ def worker(row: str, spec: Spec, root: Path, args) -> dict:
         plan.gradient_checkpointing = row == "hafs-gc" or plan.gradient_checkpointing
         adapter, seconds, extra = train_hafs(plan, prepared, device)
     elif row == "earlier":
+        epoch_steps = -(-len(prepared.train) // plan.batch_size)
+        if args.earlier_steps and not args.steps and args.earlier_steps < epoch_steps:
+            plan.max_steps = args.earlier_steps
         adapter, seconds, extra = train_earlier(plan, prepared, tok, root, device)
+        if plan.max_steps and not args.steps:
+            # Every step costs the same here (every sample is padded to sequence_length), so the
+            # epoch's time is exactly steps x time per step; the val loss is after these steps only.
+            seconds *= epoch_steps / plan.max_steps
+            extra["settings"] += f" (timed on {plan.max_steps} of {epoch_steps} steps; val loss after those)"
     else:
         adapter, seconds, extra = train_trl(plan, spec, root, row, device)
     # A full epoch counts the dataset's tokens (the same numerator for every row); a run cut short
@@ -512,7 +521,7 @@ def bf16_matmul_rate(device: str, threads: int) -> float:
 
 def run_row(row: str, spec: Spec, root: Path, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", row, "--spec", spec.name, "--threads", str(args.threads),
-           "--cache", str(args.cache), "--steps", str(args.steps)] + [x for o in args.hafs_set for x in ("--hafs-set", o)]
+           "--cache", str(args.cache), "--steps", str(args.steps), "--earlier-steps", str(args.earlier_steps)] + [x for o in args.hafs_set for x in ("--hafs-set", o)]
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error",
                PYTHONWARNINGS="ignore", HAFS_CACHE_DIR=str(args.cache / "hafs-cache"))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -563,6 +572,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per row")
     ap.add_argument("--cache", type=Path, default=ROOT / ".cache" / "bench")
     ap.add_argument("--steps", type=int, default=0, help="stop every row after this many optimizer steps")
+    ap.add_argument("--earlier-steps", type=int, default=12,
+                    help="time the earlier row on this many steps and scale to the epoch (0: the whole epoch)")
     ap.add_argument("--budget", type=float, default=0, help="seconds for the whole run: skip rows that would not fit")
     ap.add_argument("--hafs-set", action="append", default=[], metavar="KEY=VALUE",
                     help="plan override for the hafs row (e.g. packing=true)")
