@@ -1,6 +1,6 @@
 """hafs vs the usual ways of LoRA fine-tuning, on the same data and machine (issue 4).
 
-    python bench/bench_train.py                  # CPU: issue 4's fixture, rows a-d (~10 min on 2 cores)
+    python bench/bench_train.py                  # CPU: issue 4's fixture, rows a-d (~10-15 min on 2 cores)
     python bench/bench_train.py --tiny           # the same at a toy scale (~1 min)
     python bench/bench_train.py --rows hafs,trl  # some rows only
     python bench/bench_train.py --gpu            # CUDA: Qwen2.5-Coder-1.5B's shape, hafs vs TRL (+ Liger)
@@ -43,7 +43,7 @@ import resource
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -189,8 +189,7 @@ def build_fixture(spec: Spec, cache: Path, log=print) -> Path:
     rows = make_rows(targets, words, weights, ratio, random.Random(1), head=head)
     for split in rows:
         with open(data_dir / f"{split}.jsonl", "w") as f:
-            for r in rows[split]:
-                f.write(json.dumps(r) + "\n")
+            f.writelines(json.dumps(r) + "\n" for r in rows[split])
     config = Qwen2Config(vocab_size=spec.vocab, hidden_size=spec.hidden, intermediate_size=spec.mlp,
                          num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
                          num_key_value_heads=spec.kv_heads, max_position_embeddings=max(4096, spec.seq * 2),
@@ -280,7 +279,7 @@ def worker(row: str, spec: Spec, root: Path, args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from hafs.training import engine, model_loading, tokenize
+    from hafs.training import tokenize
     from hafs.training.loader import load_config
     from hafs.training.plan import resolve
 
@@ -290,7 +289,7 @@ def worker(row: str, spec: Spec, root: Path, args) -> dict:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(root / "model")
-    quiet = lambda *a, **k: None  # noqa: E731
+    quiet = lambda *a, **k: None
     prepared = tokenize.prepare_data(plan, tok, log=quiet)
     tokens = int(prepared.train.lengths.sum())
     device = "cuda" if torch.cuda.is_available() and spec.name.startswith("gpu") else "cpu"
@@ -298,7 +297,6 @@ def worker(row: str, spec: Spec, root: Path, args) -> dict:
     result = {"row": row, "dataset_tokens": tokens, "device": device, "lengths": [st.p50, st.p90, st.max]}
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    cpu0 = time.process_time()
     if row.startswith("hafs"):
         plan.gradient_checkpointing = row == "hafs-gc" or plan.gradient_checkpointing
         adapter, seconds, extra = train_hafs(plan, prepared, device)
@@ -311,6 +309,7 @@ def worker(row: str, spec: Spec, root: Path, args) -> dict:
             # Every step costs the same here (every sample is padded to sequence_length), so the
             # epoch's time is exactly steps x time per step; the val loss is after these steps only.
             seconds *= epoch_steps / plan.max_steps
+            extra["cpu_seconds"] *= epoch_steps / plan.max_steps
             extra["settings"] += f" (timed on {plan.max_steps} of {epoch_steps} steps; val loss after those)"
     else:
         adapter, seconds, extra = train_trl(plan, spec, root, row, device)
@@ -318,7 +317,7 @@ def worker(row: str, spec: Spec, root: Path, args) -> dict:
     # by --steps counts the real tokens of the batches each trainer drew.
     trained = extra.pop("tokens_seen") if args.steps else tokens
     result.update(extra, seconds=seconds, tokens_trained=trained, tokens_per_second=trained / seconds,
-                  cpu_seconds=time.process_time() - cpu0,
+                  cpu_seconds=extra.pop("cpu_seconds"),
                   peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
     if device == "cuda":
         result["max_memory_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
@@ -342,14 +341,14 @@ def train_hafs(plan, prepared, device):
     sched = engine.build_scheduler(opt, plan, total)
     if device == "cuda":
         torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     state = engine.train(model, opt, sched, source, plan, engine.TrainState(total_steps=total),
                          settings=settings, progress=engine.ProgressPrinter(total, 10, stream=sys.stderr))
     if device == "cuda":
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     flops = useful_flops(model.get_base_model().config, prepared.train, plan)
-    return adapter_state(model), seconds, {"steps": state.step, "settings": settings.describe(),
+    return adapter_state(model), seconds, {"steps": state.step, "settings": settings.describe(), "cpu_seconds": cpu,
                                            "tokens_seen": state.tokens,
                                            "flops": flops, "final_train_loss": state.last_loss()}
 
@@ -382,7 +381,7 @@ def adapter_state(model) -> dict:
 def train_earlier(plan, prepared, tok, root, device):
     """The user's earlier trainer: pad to sequence_length, labels everywhere, fp32, HF Trainer."""
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
     split, seq, pad = prepared.train, plan.sequence_length, tok.pad_token_id
@@ -413,10 +412,11 @@ def train_earlier(plan, prepared, tok, root, device):
         return {k: torch.stack([e[k] for e in examples]) for k in examples[0]}
 
     trainer = Trainer(model=model, args=args, train_dataset=Padded(), data_collator=collate)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     trainer.train()
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     return adapter_state(model), seconds, {"settings": "fp32, padded to sequence_length, loss on all tokens",
+                                           "cpu_seconds": cpu,
                                            "tokens_seen": seen[0]}
 
 
@@ -457,14 +457,14 @@ def train_trl(plan, spec, root, row, device):
     trainer.data_collator = counting
     if device == "cuda":
         torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     trainer.train()
     if device == "cuda":
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     settings = (f"bf16={args.bf16}, gradient_checkpointing={args.gradient_checkpointing}, "
                 f"packing={args.packing}, padding_free={args.padding_free}")
-    return adapter_state(trainer.model), seconds, {"settings": settings, "tokens_seen": seen[0]}
+    return adapter_state(trainer.model), seconds, {"settings": settings, "tokens_seen": seen[0], "cpu_seconds": cpu}
 
 
 def val_loss(plan, prepared, root, adapter: dict, device: str) -> float:
@@ -524,7 +524,7 @@ def run_row(row: str, spec: Spec, root: Path, args) -> dict:
            "--cache", str(args.cache), "--steps", str(args.steps), "--earlier-steps", str(args.earlier_steps)] + [x for o in args.hafs_set for x in ("--hafs-set", o)]
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error",
                PYTHONWARNINGS="ignore", HAFS_CACHE_DIR=str(args.cache / "hafs-cache"))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:
         return {"row": row, "error": (proc.stderr or proc.stdout).strip().splitlines()[-12:]}
@@ -636,10 +636,8 @@ def _machine(device: str) -> str:
         return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
     cpu = platform.processor() or platform.machine()
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
     except OSError:
         pass
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"

@@ -12,15 +12,15 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from hafs.training import engine, model_loading  # noqa: E402
-from hafs.training.batching import collate  # noqa: E402
-from hafs.training.data import SplitStats  # noqa: E402
-from hafs.training.errors import ConfigError, TrainingError  # noqa: E402
-from hafs.training.loader import load_config  # noqa: E402
-from hafs.training.loss import IGNORE_INDEX  # noqa: E402
-from hafs.training.plan import resolve  # noqa: E402
-from hafs.training.precision import VARLEN_ATTENTION, run_settings  # noqa: E402
-from hafs.training.tokenize import TokenizedSplit, TokenStats  # noqa: E402
+from hafs.training import engine, model_loading
+from hafs.training.batching import collate
+from hafs.training.data import SplitStats
+from hafs.training.errors import ConfigError, TrainingError
+from hafs.training.loader import load_config
+from hafs.training.loss import IGNORE_INDEX
+from hafs.training.plan import resolve
+from hafs.training.precision import VARLEN_ATTENTION, run_settings
+from hafs.training.tokenize import TokenizedSplit, TokenStats
 
 CONFIG = Path(__file__).resolve().parents[1] / "config" / "training.toml"
 VOCAB, PAD, EOS = 96, 1, 2

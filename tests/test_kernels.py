@@ -7,7 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from hafs.training import kernels  # noqa: E402
+from hafs.training import kernels
 
 
 @pytest.fixture(autouse=True)

@@ -7,8 +7,15 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from hafs.training.loss import (IGNORE_INDEX, causal_lm_loss, count_labelled, default_chunk_size,  # noqa: E402
-                                fused_linear_cross_entropy, plain_head, select_labelled)
+from hafs.training.loss import (
+    IGNORE_INDEX,
+    causal_lm_loss,
+    count_labelled,
+    default_chunk_size,
+    fused_linear_cross_entropy,
+    plain_head,
+    select_labelled,
+)
 
 
 @pytest.fixture(autouse=True)

@@ -16,12 +16,12 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 from .errors import Problem, TrainingError
 from .loss import IGNORE_INDEX, causal_lm_loss, count_labelled, plain_head
-from .precision import RunSettings, run_settings  # noqa: F401  (run_settings is part of this module's API)
+from .precision import RunSettings, run_settings
 
 
 @dataclass
@@ -54,7 +54,7 @@ class TrainState:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "TrainState":
+    def from_dict(cls, data: dict) -> TrainState:
         """Inverse of to_dict; unknown keys (from newer versions) are ignored."""
         names = set(cls.__dataclass_fields__)
         state = cls(**{k: v for k, v in data.items() if k in names})
@@ -117,7 +117,7 @@ class BatchSource:
     def micro_batches_per_epoch(self) -> int:
         return len(self.rows(0))
 
-    def __call__(self, epoch: int) -> "EpochBatches":
+    def __call__(self, epoch: int) -> EpochBatches:
         return EpochBatches(self, self.rows(epoch))
 
 

@@ -37,7 +37,7 @@ def keep_mask(x, p: float):
     return words.view(torch.int16)[:n].view(x.shape) >= round(p * 65536) - 32768
 
 
-def FastDropout(p: float):  # noqa: N802  (a module factory, named like the class it builds)
+def FastDropout(p: float):
     """nn.Dropout(p) with `keep_mask`; the class is built lazily so importing this file stays torch-free."""
     global _FAST_DROPOUT
     if _FAST_DROPOUT is None:
@@ -243,7 +243,7 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     position_ids = kwargs.get("position_ids")
-    batch, heads, width, dim = query.shape
+    batch, heads, width, _ = query.shape
     plain = (attention_mask is not None or position_ids is None or key.shape[2] != width or width == 1
              or dropout or kwargs.get("sliding_window") or not getattr(module, "is_causal", True)
              or kwargs.get("softcap") is not None)

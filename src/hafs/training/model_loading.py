@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import ConfigError, Problem
-from .kernels import VARLEN_ATTENTION, FastDropout, register_varlen_attention  # noqa: F401 (re-exported)
+from .kernels import VARLEN_ATTENTION, FastDropout, register_varlen_attention
 from .precision import DTYPES, RunSettings, choose_attention
 
 # Unused special tokens that make a safe pad token when a tokenizer has none (no new embedding row).

@@ -195,7 +195,7 @@ def run_settings(plan, caps=None) -> RunSettings:
     # glibc's allocator keeps freed activations in its heap and fragments (peak RSS 3.2 GB vs 1.8
     # GB live on the CPU benchmark); a fixed mmap threshold returns them but page-faults every big
     # allocation again (+11% CPU time at 1 MiB, +43% at 64 KiB). Speed first: glibc stays, and
-    # the peak is still below TRL's (4.4 GB) on the same data.
+    # the peak is still below TRL's (2.9 vs 4.7 GB) on the same data.
     s.cpu_allocator = "glibc"
     # torch.compile: on CPU, compiling the training graph took longer than the benchmark's whole
     # epoch, so it is off; nothing here turns it on yet.
