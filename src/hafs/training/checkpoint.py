@@ -33,6 +33,7 @@ import sys
 import time
 from pathlib import Path
 
+from .data import file_sha256
 from .outputs import _fsync_dir, disk_error
 
 FORMAT = 1
@@ -236,19 +237,11 @@ def verify(path: Path) -> str:
             size = (path / name).stat().st_size
             if size != entry["bytes"]:
                 return f"{name} has {size} bytes, expected {entry['bytes']} (truncated?)"
-            if _sha256(path / name) != entry["sha256"]:
+            if file_sha256(path / name) != entry["sha256"]:
                 return f"{name} does not match its checksum (corrupt)"
         except OSError as exc:
             return f"cannot read {name}: {exc.strerror or exc}"
     return ""
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def latest_checkpoint(run_dir: Path, log=_warn) -> Path | None:
@@ -301,4 +294,4 @@ def _alive(pid: str) -> bool:
 
 
 # Resuming lives in resume.py; re-exported so callers need only this module.
-from .resume import ResumePoint, compare, find_resume, load_point, restore  # noqa: E402,F401
+from .resume import ResumePoint, compare, find_resume, load_point, restore  # noqa: F401
