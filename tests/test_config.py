@@ -534,3 +534,14 @@ def test_key_lines_finds_every_key_of_real_files(path):
 
     for keypath in walk(tomllib.loads(text)):
         assert keypath[-1] in lines[index[keypath] - 1], keypath
+
+
+def test_the_config_reference_is_generated_from_the_current_schema():
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "scripts" / "config_reference.py")], capture_output=True,
+                         text=True, check=True).stdout
+    assert out == (root / "docs" / "config-reference.md").read_text(), \
+        "docs/config-reference.md is stale: python scripts/config_reference.py > docs/config-reference.md"

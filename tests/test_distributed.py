@@ -45,7 +45,7 @@ lora_alpha = 8
 lora_dropout = 0.0
 
 [hyperparameters.dist]
-max_steps = 4
+{steps}
 learning_rate = 2e-3
 warmup_steps = 1
 logging_steps = 1
@@ -81,21 +81,31 @@ def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model") / "model")
 
 
-def make_config(root: Path, model: Path, accumulation: int) -> Path:
+def make_config(root: Path, model: Path, accumulation: int, *, data: Path = REPO / "data" / "demo",
+                steps: str = "max_steps = 4") -> Path:
     root.mkdir(parents=True, exist_ok=True)
     config = root / "training.toml"
-    config.write_text(CONFIG.format(model=model, data=REPO / "data" / "demo", root=root, preset=PRESET,
-                                    accumulation=accumulation))
+    config.write_text(CONFIG.format(model=model, data=data, root=root, preset=PRESET, accumulation=accumulation,
+                                    steps=steps))
     return config
 
 
-def train(config: Path, *extra: str) -> subprocess.CompletedProcess:
+def small_dataset(root: Path, train_rows: int, val_rows: int) -> Path:
+    """The first rows of the demo dataset (an epoch of a few micro-batches)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", train_rows), ("val", val_rows)):
+        lines = (REPO / "data" / "demo" / f"{split}.jsonl").read_text().splitlines()[:n]
+        (root / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def train(config: Path, *extra: str, evaluate: bool = False) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
                PYTHONUNBUFFERED="1")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "HAFS_TEST_SLOW_STEP_MS"):
         env.pop(key, None)
     done = subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), PRESET, "--config", str(config),
-                           "--no-eval", *extra], capture_output=True, text=True, timeout=300, env=env, cwd=REPO, check=False)
+                           *([] if evaluate else ["--no-eval"]), *extra], capture_output=True, text=True, timeout=300, env=env, cwd=REPO, check=False)
     assert done.returncode == 0, f"train.py failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done
 
@@ -144,6 +154,47 @@ def test_two_gloo_workers_match_one_process_with_the_same_global_batch(tmp_path,
     assert meta3["resume"]["from_step"] == 2 and meta3["losses"]["train"] == losses2
     w3 = adapter(resumed[0])
     assert max(float((w2[k] - w3[k]).abs().max()) for k in w2) < 1e-6
+
+
+def test_fsdp_workers_shard_the_base_and_match_one_process_on_an_uneven_epoch(tmp_path, tiny_model):
+    # 7 kept samples, one per micro-batch: the epoch's last step has one micro-batch, and under fsdp
+    # rank 1 must still join its all-gathers (engine: a zero-weighted micro-batch). Evaluation is
+    # on: the before/after val loss and the greedy generations run on both ranks in lockstep.
+    data = small_dataset(tmp_path / "data", train_rows=10, val_rows=4)
+    steps, unpacked = "num_epochs = 1", ("--set", "packing=false", "--set", "batch_size=1")
+    train(make_config(tmp_path / "single", tiny_model, accumulation=2, data=data, steps=steps), *unpacked,
+          evaluate=True)
+    multi = train(make_config(tmp_path / "multi", tiny_model, accumulation=1, data=data, steps=steps), *unpacked,
+                  "--set", "hardware.num_gpus=2", "--set", "hardware.distributed=fsdp", evaluate=True)
+
+    assert "global batch = 1 x 1 x 2 = 2 per step" in multi.stdout, multi.stdout
+    assert "7 training samples" in multi.stdout
+    one, two = only_model(tmp_path / "single"), only_model(tmp_path / "multi")
+    meta1, meta2 = (json.loads((d / "metadata.json").read_text()) for d in (one, two))
+    losses1, losses2 = meta1["losses"]["train"], meta2["losses"]["train"]
+    assert [s for s, _ in losses1] == [s for s, _ in losses2] == [1, 2, 3, 4]
+    for (_, a), (_, b) in zip(losses1, losses2):
+        assert abs(a - b) < 1e-4, (losses1, losses2)
+    w1, w2 = adapter(one), adapter(two)
+    assert w1.keys() == w2.keys() and w1
+    assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-5
+    e1, e2 = meta1["evaluation"], meta2["evaluation"]
+    assert abs(e1["after"]["val"]["loss"] - e2["after"]["val"]["loss"]) < 1e-4
+    assert e1["after"]["val"]["loss"] != e1["before"]["val"]["loss"]
+    gens = (two / "eval" / "generations.jsonl").read_text().splitlines()
+    assert gens == (one / "eval" / "generations.jsonl").read_text().splitlines() and gens
+
+    # resume under fsdp (rank 0 wrote the checkpoint alone), and non-reentrant checkpointing inside the
+    # sharded layers (recomputation all-gathers again): both end where the plain fsdp run did
+    fsdp = ("--set", "hardware.num_gpus=2", "--set", "hardware.distributed=fsdp")
+    run = next((tmp_path / "multi" / "checkpoints").iterdir())
+    train(tmp_path / "multi" / "training.toml", *unpacked, *fsdp, "--resume", str(run / "checkpoint-2"))
+    train(tmp_path / "multi" / "training.toml", *unpacked, *fsdp, "--set", "gradient_checkpointing=true")
+    later = [d for d in (tmp_path / "multi" / "models").iterdir() if d != two]
+    assert len(later) == 2
+    for d in later:
+        w = adapter(d)
+        assert max(float((w2[k] - w[k]).abs().max()) for k in w2) < 1e-6, d
 
 
 def test_dry_run_prints_the_torchrun_and_accelerate_commands(tmp_path, tiny_model):

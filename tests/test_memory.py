@@ -302,3 +302,28 @@ def test_cpu_allocator_mode_changes_only_the_cpu_overhead():
     mmap = est(device_kind="cpu", sequence_length=2048, batch_size=4, cpu_allocator="mmap")
     assert glibc.activations_gb == mmap.activations_gb and glibc.overhead_gb > mmap.overhead_gb + 1.0
     assert est(cpu_allocator="mmap").total_gb == est().total_gb  # CUDA: no effect
+
+
+def test_fsdp_shards_the_layers_not_the_embeddings(cfg):
+    shape = ModelShape.from_config(QWEN_15B)
+    whole, sharded = est(), est(weight_shards=4)
+    layer, layers = shape.layer_parameter_count(), shape.layers
+    rest = shape.parameter_count() - layers * layer  # embedding (tied) and the final norm stay on every worker
+    assert sharded.weights_gb * GIB == pytest.approx((rest + layers * layer / 4 + 2 * layer) * 2)
+    assert whole.weights_gb - sharded.weights_gb == pytest.approx((layers * layer * 3 / 4 - 2 * layer) * 2 / GIB)
+    assert sharded.activations_gb == whole.activations_gb  # each worker still runs its own batch
+    assert "layers sharded over 4 workers" in sharded.render()
+
+    # a 4-GPU ddp preset that does not fit one GPU is told that fsdp would, with the per-worker figure
+    plan = resolve(cfg, "oracle-rauru-cloud-x4", check_hardware=False)
+    assert plan.world_size() == 4 and plan.hardware.distributed == "ddp"
+    plan.gradient_checkpointing = False
+    ddp = estimate_for_plan(plan, QWEN_15B)
+    fsdp_gb = estimate_memory(QWEN_15B, **{**ddp.inputs, "weight_shards": 4}).total_gb
+    plan.hardware.available_memory_gb = (fsdp_gb + ddp.total_gb) / 2
+    verdict = check_memory(plan, QWEN_15B)
+    assert not verdict.fits
+    assert f'distributed = "fsdp" in [hardware.cloud-a100-40gb-x4]' in verdict.problems[0].hint
+    assert f"~{fsdp_gb:.1f} GiB each" in verdict.problems[0].hint
+    plan.hardware.distributed = "fsdp"
+    assert check_memory(plan, QWEN_15B).fits

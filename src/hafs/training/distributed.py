@@ -17,8 +17,16 @@ Why not torch's DistributedDataParallel wrapper: the loss (loss.py) runs the dec
 LM head, not `model.forward`, which DDP's reducer needs to see, and a rank may get no micro-batch
 in an epoch's last step, where DDP would hang. LoRA gradients are a few MB, so one flattened
 all-reduce per step (what DDP does, minus overlapping it with backward) costs little.
-TODO: `distributed = "fsdp"` (sharding the frozen base for models that do not fit one GPU) is not
-implemented; such a profile is refused with a hint to use ddp.
+`distributed = "fsdp"` shards the frozen base over the workers (models whose weights do not fit one
+GPU): `shard_frozen_base` applies torch's FSDP2 `fully_shard` to each decoder layer with the LoRA
+parameters as `ignored_params`. Each layer's weights are all-gathered for its forward and backward
+and freed again; the adapters stay ordinary replicated tensors, so the optimizer, the gradient
+all-reduce above, checkpoints and the saved adapter are the DDP path's, unchanged. Why not FSDP
+over everything: with frozen weights there is nothing to reduce-scatter, and sharded adapters would
+need distributed checkpoint code for a few MB. Embeddings, final norm and LM head stay replicated
+(the fused loss reads the head's weight outside any layer's forward). Every rank must then run the
+same number of forward/backward passes: a rank short of micro-batches in an epoch's last step runs
+a zero-weighted one, evaluations run on every rank, and generation uses transformers' synced_gpus.
 
 RNG: rank r seeds dropout with `seed + r` (different masks on different data, as DDP runs do).
 A checkpoint holds rank 0's generators; on resume every rank restores those and re-offsets by
@@ -56,6 +64,8 @@ class DistContext:
     """torch.distributed backend: nccl (CUDA) or gloo (CPU); '' when not distributed."""
     device: str = "cpu"
     """Device this worker trains on (cuda:LOCAL_RANK under nccl)."""
+    fsdp: bool = False
+    """The frozen base is sharded over the workers (shard_frozen_base): every rank runs every forward."""
 
     @property
     def is_main(self) -> bool:
@@ -174,10 +184,7 @@ def init(device: str = "cpu", plan=None) -> DistContext:
     ctx.device = device
     if not ctx.enabled:
         return ctx
-    if plan is not None and plan.hardware.distributed == "fsdp":
-        raise ConfigError([Problem("distributed = \"fsdp\" is not implemented yet",
-                                   key=f"hardware.{plan.hardware_name}.distributed",
-                                   hint="use distributed = \"ddp\" (LoRA fits one GPU for models up to ~14B)")])
+    ctx.fsdp = plan is not None and plan.hardware.distributed == "fsdp"
     import torch
     import torch.distributed as dist
 
@@ -191,6 +198,37 @@ def init(device: str = "cpu", plan=None) -> DistContext:
         dist.init_process_group(ctx.backend, rank=ctx.rank, world_size=ctx.world_size,
                                 timeout=dt.timedelta(minutes=TIMEOUT_MINUTES))
     return ctx
+
+
+def load_device(ctx: DistContext) -> str:
+    """Where to load the base model: the CPU under FSDP (it may not fit one GPU whole), else the worker's device."""
+    return "cpu" if ctx.fsdp else ctx.device
+
+
+def shard_frozen_base(model, ctx: DistContext):
+    """FSDP2-shard each decoder layer's frozen weights over the workers; returns `model` on ctx.device.
+
+    The trainable (LoRA) parameters are `ignored_params`: replicated, and all-reduced by
+    `all_reduce_grads` like under ddp. A no-op unless ctx.fsdp.
+    """
+    if not (ctx.enabled and ctx.fsdp):
+        return model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = getattr(base.get_decoder(), "layers", None)
+    if layers is None:
+        raise ConfigError([Problem(f"fsdp: {type(base).__name__} has no decoder layers to shard",
+                                   key="hardware.distributed", hint='use distributed = "ddp"')])
+    mesh = init_device_mesh(ctx.device.split(":")[0], (ctx.world_size,))
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, reshard_after_forward=True,
+                    ignored_params={p for p in layer.parameters() if p.requires_grad})
+    # transformers' generate() turns on synced_gpus for FSDP-managed models: ranks that finish early
+    # keep stepping, so no rank waits forever on another's all-gather.
+    base._is_fsdp_managed_module = True
+    return model.to(ctx.device)
 
 
 def cleanup(ctx: DistContext | None = None) -> None:

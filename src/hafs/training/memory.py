@@ -98,13 +98,17 @@ class ModelShape:
         return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
                 "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
 
-    def parameter_count(self) -> int:
-        """Parameters of the base model (tied embeddings counted once)."""
+    def layer_parameter_count(self) -> int:
+        """Parameters of one decoder layer (what fsdp shards)."""
         per_layer = sum(i * o for i, o in self.module_dims().values()) + 2 * self.hidden
         if self.qkv_bias:
             per_layer += (self.heads + 2 * self.kv_heads) * self.head_dim
+        return per_layer
+
+    def parameter_count(self) -> int:
+        """Parameters of the base model (tied embeddings counted once)."""
         embed = self.vocab * self.hidden * (1 if self.tied else 2)
-        return self.layers * per_layer + embed + self.hidden
+        return self.layers * self.layer_parameter_count() + embed + self.hidden
 
     def lora_parameter_count(self, r: int, targets) -> int:
         """Adapter parameters for rank r on the named modules of every layer (unknown names: none)."""
@@ -154,8 +158,10 @@ class MemoryEstimate:
     def render(self) -> str:
         """The breakdown as aligned lines, for --dry-run."""
         s = self.settings
+        shards = s.get("weight_shards", 1)
         rows = [("frozen weights", self.weights_gb, (f"{s.get('parameters', 0) / 1e6:,.0f}M params in "
-                                                    f"{s.get('precision', '')}")),
+                                                    f"{s.get('precision', '')}"
+                                                    + (f", layers sharded over {shards} workers" if shards > 1 else ""))),
                 ("LoRA params+grads+AdamW", self.lora_gb, f"{s.get('lora_parameters', 0) / 1e6:,.2f}M params, fp32"),
                 ("activations", self.activations_gb, f"{s.get('tokens', 0):,} tokens, attention {s.get('attn_impl')}"
                  + (", checkpointed" if s.get("gradient_checkpointing") else "")),
@@ -179,11 +185,18 @@ class MemoryEstimate:
         sugg = self.suggestions(budget)
         if not plan.hardware.supports_gradient_checkpointing and sugg.gradient_checkpointing_fits:
             sugg = FitSuggestions(**{**asdict(sugg), "gradient_checkpointing_fits": None})
+        hint = sugg.hint()
+        world = plan.world_size()
+        if world > 1 and self.inputs.get("weight_shards", 1) == 1:
+            sharded = estimate_memory(self.shape, **{**self.inputs, "weight_shards": world}).total_gb
+            if sharded <= budget:
+                hint = (f"distributed = \"fsdp\" in [hardware.{plan.hardware_name}] shards the frozen layers over "
+                        f"the {world} workers: ~{sharded:.1f} GiB each; or " + hint)
         return Problem(f"Hardware {plan.hardware.name} is unsupported: training needs about {self.total_gb:.1f} "
                        f"GiB, {plan.hardware_name} has {budget:g} GiB (sequence_length {plan.sequence_length}, "
                        f"batch_size {plan.batch_size}, {self.settings.get('precision')})",
                        key=f"presets.{plan.preset}",
-                       file=plan.config_path if not plan.config_path.startswith("<") else "", hint=sugg.hint())
+                       file=plan.config_path if not plan.config_path.startswith("<") else "", hint=hint)
 
 
 def default_loss_chunk(vocab: int) -> int:
@@ -200,7 +213,7 @@ def estimate_memory(model_config, *, sequence_length: int, batch_size: int, lora
                     device_kind: str = "cpu", lora_dropout: float = 0.05, loss_chunk_tokens: int | None = None,
                     labelled_fraction: float = 1.0, autocast: bool | None = None,
                     dropout_mask_bytes: int | None = None, lora_input_cast: bool = True,
-                    lean_kernels: bool = False, cpu_allocator: str = "glibc") -> MemoryEstimate:
+                    lean_kernels: bool = False, cpu_allocator: str = "glibc", weight_shards: int = 1) -> MemoryEstimate:
     """Predict the peak memory of LoRA training; see the module docstring for what each term counts.
 
     `model_config` is a config.json dict (or a ModelShape). `labelled_fraction` is the share of tokens
@@ -211,6 +224,7 @@ def estimate_memory(model_config, *, sequence_length: int, batch_size: int, lora
     silu(gate)).
     `loss_chunk_tokens` defaults to the trainer's rule (loss.default_chunk_size). `cpu_allocator`:
     "glibc" (the default malloc) or "mmap" (after `release_freed_memory()`).
+    `weight_shards`: workers the decoder layers are sharded over (distributed = "fsdp"); per worker.
     """
     inputs = {k: v for k, v in locals().items() if k != "model_config"}
     if attn_impl not in ATTN_IMPLS:
@@ -227,6 +241,11 @@ def estimate_memory(model_config, *, sequence_length: int, batch_size: int, lora
     params = shape.parameter_count()
     lora_params = shape.lora_parameter_count(lora_r, targets)
     weights = params * act
+    if weight_shards > 1:
+        # fsdp (distributed.shard_frozen_base): each worker holds 1/shards of every layer, plus the
+        # layer being computed and the next one prefetched, whole; embeddings and head replicated.
+        layer = shape.layer_parameter_count()
+        weights = (params - shape.layers * layer + shape.layers * layer / weight_shards + 2 * layer) * act
     lora = lora_params * 16  # fp32 param + grad + AdamW exp_avg + exp_avg_sq
 
     if dropout_mask_bytes is None:  # CPU/MPS dropout multiplies by a mask in the input's dtype; CUDA's is bytes
@@ -278,7 +297,8 @@ def estimate_memory(model_config, *, sequence_length: int, batch_size: int, lora
                     "attn_impl": attn_impl, "gradient_checkpointing": bool(gradient_checkpointing),
                     "packing": bool(packing), "loss_chunk": chunk, "vocab": shape.vocab, "device_kind": device,
                     "lora_r": lora_r, "lora_targets": targets, "runtime_note": runtime_note,
-                    "cpu_allocator": cpu_allocator if device == "cpu" else "", "saved_bytes": saved}
+                    "cpu_allocator": cpu_allocator if device == "cpu" else "", "saved_bytes": saved,
+                    "weight_shards": int(weight_shards)}
     return MemoryEstimate(weights_gb=weights / GIB, lora_gb=lora / GIB, activations_gb=activations / GIB,
                           logits_gb=logits / GIB, overhead_gb=overhead / GIB, runtime_gb=RUNTIME_GB[device],
                           settings=settings, inputs=inputs, shape=shape)
@@ -552,9 +572,10 @@ def _plan_kwargs(plan, settings=None, caps=None) -> dict:
     else:
         device = plan.device if plan.device != "auto" else (caps.best_device() if caps is not None else "cpu")
         run = {"device_kind": device, "precision": plan.precision, "gradient_checkpointing": bool(plan.gradient_checkpointing)}
+    shards = plan.world_size() if plan.hardware.distributed == "fsdp" else 1
     return dict(sequence_length=plan.sequence_length, batch_size=plan.batch_size, lora_r=plan.lora.r,
                 lora_targets=list(plan.lora.target_modules), lora_dropout=plan.lora.lora_dropout,
-                packing=plan.packing, **run)
+                packing=plan.packing, weight_shards=shards, **run)
 
 
 def check_memory(plan, model_config: dict, *, settings=None, caps=None, force: bool = False) -> MemoryVerdict:

@@ -62,10 +62,11 @@ def run(plan: TrainingConfig, opts: RunOptions, log=print) -> Path:
 
     # 3. Model, tokenizer, tokenized data, adapter.
     with ctx.main_first():  # rank 0 fills the model and token caches; the others then read them
-        model, tokenizer = model_loading.load_model_and_tokenizer(plan, settings.device, settings.precision,
-                                                                 settings, log=log)
+        model, tokenizer = model_loading.load_model_and_tokenizer(plan, distributed.load_device(ctx),
+                                                                 settings.precision, settings, log=log)
         prepared = tokenize.prepare_data(plan, tokenizer, log=log)
     model = model_loading.apply_lora(model, plan, settings)
+    model = distributed.shard_frozen_base(model, ctx)  # fsdp only: each worker keeps 1/world of the layers
     ctx.broadcast_params([p for p in model.parameters() if p.requires_grad])
     batches = engine.BatchSource(prepared.train, plan, tokenizer, settings)
     total_steps = plan.total_steps(-(-batches.micro_batches_per_epoch() // ctx.world_size))
@@ -87,8 +88,10 @@ def run(plan: TrainingConfig, opts: RunOptions, log=print) -> Path:
     # 5. Train, with checkpoints, trackers, evaluation and signal handling around the loop.
     from .evaluate import Evaluator
 
-    evaluator = Evaluator(plan, prepared, tokenizer, settings)
-    before = evaluator.run(model, "before") if opts.evaluate and state.step == 0 and ctx.is_main else None
+    evaluator = Evaluator(plan, prepared, tokenizer, settings, log=log)
+    # Under fsdp every forward needs every worker, so all of them evaluate (rank 0 reports).
+    evaluates = opts.evaluate and (ctx.is_main or ctx.fsdp)
+    before = evaluator.run(model, "before") if evaluates and state.step == 0 else None
     trackers = _trackers(plan, run_dir, log) if ctx.is_main else _null_trackers()
 
     def save(st):
@@ -116,6 +119,7 @@ def run(plan: TrainingConfig, opts: RunOptions, log=print) -> Path:
             trackers.close(failed=True)
             raise faults.interrupted(plan, state, path, guard.signal, overrides=opts.overrides)
 
+    after = evaluator.run(model, "after") if evaluates else None
     if not ctx.is_main:  # rank 0 alone writes the model directory; the others learn its path
         final = Path(ctx.broadcast_object(None))
         distributed.cleanup(ctx)
@@ -125,7 +129,6 @@ def run(plan: TrainingConfig, opts: RunOptions, log=print) -> Path:
     name = outputs.model_dir_name(plan)
     staged = outputs.staging_dir(Path(plan.output.models_dir), name)
     model_loading.save_adapter(model, tokenizer, staged)
-    after = evaluator.run(model, "after") if opts.evaluate else None
     evaluation = evaluator.write(staged, before, after) if opts.evaluate else None
     _plot(state, staged, plan, log)
     meta = outputs.build_metadata(
