@@ -187,7 +187,8 @@ def cuda_cases(shape: str, cases, args):
 # ----------------------------------------------------------------------------- driver
 
 def estimate(shape: str, seq: int, batch: int, args):
-    from hafs.training.memory import estimate_memory, settings_kwargs
+    from hafs.training.memory import estimate_memory
+    from hafs.training.memory_check import settings_kwargs
 
     if args.loop == "engine":
         run = {**settings_kwargs(engine_settings(args.device, args.checkpointing)), "cpu_allocator": args.allocator}

@@ -19,12 +19,10 @@ from hafs.training.hardware import (
     MpsInfo,
     _sass_runs_on,
     detect,
-    detect_report,
     gpu_supported_by_build,
-    preflight,
-    profile_block,
-    rank_presets,
 )
+from hafs.training.hardware_report import detect_report, profile_block
+from hafs.training.preflight import preflight, rank_presets
 from hafs.training.loader import load_config, load_config_text
 from hafs.training.plan import resolve
 
@@ -178,11 +176,11 @@ def test_multi_gpu_profile_needs_the_gpus(cfg):
 
 def test_preflight_imports_neither_transformers_nor_torch():
     code = ("import sys; from hafs.training.loader import load_config; from hafs.training.plan import resolve;"
-            "from hafs.training import hardware as h;"
+            "from hafs.training import hardware as h, preflight as p;"
             f"cfg = load_config({str(CONFIG)!r});"
             "caps = h.Capabilities(os='Linux', cpu=h.CpuInfo(cores=2, ram_gb=8));"
-            "pf = h.preflight(resolve(cfg, 'oracle-rauru-mac'), caps, cfg); assert pf.problems;"
-            "h.rank_presets(cfg, caps, memory=False);"
+            "pf = p.preflight(resolve(cfg, 'oracle-rauru-mac'), caps, cfg); assert pf.problems;"
+            "p.rank_presets(cfg, caps, memory=False);"
             "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -253,11 +251,11 @@ def test_detection_on_this_machine_is_json_and_round_trips():
 def test_detect_report_and_cmd_detect_json(cfg, capsys, monkeypatch):
     text = detect_report(mac(), cfg, config_loader=loader)
     assert "[hardware.local-mps]" in text and "ok  oracle-rauru-mac" in text and "bf16 no" in text
-    from hafs.training import hardware
+    from hafs.training import hardware_report
 
-    monkeypatch.setattr(hardware, "detect", linux_cpu)
-    monkeypatch.setattr(hardware, "rank_presets", lambda c, caps: rank_presets(c, caps, config_loader=loader))
-    assert hardware.cmd_detect(types.SimpleNamespace(config=str(CONFIG), json=True)) == 0
+    monkeypatch.setattr(hardware_report, "detect", linux_cpu)
+    monkeypatch.setattr(hardware_report, "rank_presets", lambda c, caps: rank_presets(c, caps, config_loader=loader))
+    assert hardware_report.cmd_detect(types.SimpleNamespace(config=str(CONFIG), json=True)) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["capabilities"]["cpu"]["bf16_fast"] is True
     assert out["presets"][0] == {"preset": "demo", "runs_here": True, "reason": out["presets"][0]["reason"]}

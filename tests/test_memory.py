@@ -14,16 +14,9 @@ import pytest
 from hafs.training.errors import HardwareError
 from hafs.training.hardware import Capabilities, CpuInfo, MpsInfo
 from hafs.training.loader import load_config
-from hafs.training.memory import (
-    GIB,
-    ModelShape,
-    check_memory,
-    check_plan,
-    estimate_for_plan,
-    estimate_memory,
-    fit_suggestions,
-    load_model_config,
-)
+from hafs.training.memory import GIB, ModelShape, estimate_memory, fit_suggestions
+from hafs.training.memory_check import check_memory, check_plan, estimate_for_plan
+from hafs.training.model_config import load_model_config
 from hafs.training.plan import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,7 +107,7 @@ def test_saved_activations_match_autograd_with_the_engines_settings():
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from hafs.training.memory import settings_kwargs
+    from hafs.training.memory_check import settings_kwargs
 
     settings = precision.run_settings(types.SimpleNamespace(device="cpu", precision="bf16", packing=True,
                                                             gradient_checkpointing=False))
@@ -251,9 +244,9 @@ def test_load_model_config_sources(tmp_path, monkeypatch):
     def offline(repo, filename, **kw):
         raise OSError("We couldn't connect to 'https://huggingface.co'")
 
-    from hafs.training import memory
+    from hafs.training import model_config
 
-    monkeypatch.setattr(memory, "_hub_reachable", lambda timeout=2.0: True)
+    monkeypatch.setattr(model_config, "_hub_reachable", lambda timeout=2.0: True)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
     with pytest.raises(HardwareError) as err:
         load_model_config("acme/unknown-7b")
@@ -262,7 +255,7 @@ def test_load_model_config_sources(tmp_path, monkeypatch):
     assert load_model_config("Qwen/Qwen2.5-Coder-1.5B") == QWEN_15B
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, filename, **kw: str(FIXTURE))
     assert load_model_config("acme/unknown-7b")["hidden_size"] == 1536
-    monkeypatch.setattr(memory, "_hub_reachable", lambda timeout=2.0: False)
+    monkeypatch.setattr(model_config, "_hub_reachable", lambda timeout=2.0: False)
     with pytest.raises(HardwareError, match="cannot be reached"):
         load_model_config("acme/unknown-7b")
     assert load_model_config(str(FIXTURE))["num_hidden_layers"] == 28
@@ -323,7 +316,7 @@ def test_fsdp_shards_the_layers_not_the_embeddings(cfg):
     plan.hardware.available_memory_gb = (fsdp_gb + ddp.total_gb) / 2
     verdict = check_memory(plan, QWEN_15B)
     assert not verdict.fits
-    assert f'distributed = "fsdp" in [hardware.cloud-a100-40gb-x4]' in verdict.problems[0].hint
+    assert 'distributed = "fsdp" in [hardware.cloud-a100-40gb-x4]' in verdict.problems[0].hint
     assert f"~{fsdp_gb:.1f} GiB each" in verdict.problems[0].hint
     plan.hardware.distributed = "fsdp"
     assert check_memory(plan, QWEN_15B).fits

@@ -29,7 +29,7 @@ COMMANDS = {
     "list": "hafs.training.cli:cmd_list",
     "show": "hafs.training.cli:cmd_show",
     "validate": "hafs.training.cli:cmd_validate",
-    "detect": "hafs.training.hardware:cmd_detect",
+    "detect": "hafs.training.hardware_report:cmd_detect",
     "eval": "hafs.training.evaluate:cmd_eval",
     "models": "hafs.training.registry:cmd_models",
     "generate": "hafs.training.generate:cmd_generate",

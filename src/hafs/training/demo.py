@@ -211,7 +211,16 @@ def build_tiny_model(out_dir: Path, *, hidden_size: int = 64, num_layers: int = 
             with torch.no_grad():
                 model.get_input_embeddings().weight.normal_(0.0, embedding_std)
     model.generation_config = GenerationConfig(**ids)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    from transformers.utils import logging as hf_logging
+
+    # A one-file model needs no "Writing model shards" bar (it lands in --detect and --dry-run output).
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(out_dir, safe_serialization=True)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
     return out_dir
 
 

@@ -100,9 +100,9 @@ def _detect():
 
 
 def _preflight(plan, report, caps) -> None:
-    from . import hardware
+    from .preflight import preflight
 
-    result = hardware.preflight(plan, caps)
+    result = preflight(plan, caps)
     report.problems += result.problems
     report.notes += result.notes
 
@@ -171,7 +171,7 @@ def _steps(plan, report, lengths) -> None:
 
 
 def _memory(plan, report, force: bool, caps=None) -> None:
-    from .memory import check_memory, load_model_config
+    from .memory_check import check_memory, load_model_config
     from .precision import run_settings
 
     try:

@@ -5,7 +5,7 @@ Tracebacks are reserved for bugs: anything that is not a `HafsError` is a bug in
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)

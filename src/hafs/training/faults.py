@@ -195,11 +195,12 @@ def _fit(plan, estimate) -> str:
         return ""
     try:
         from . import memory
+        from .model_config import load_model_config
 
         s = estimate.settings
         budget = 0.7 * min(plan.hardware.available_memory_gb, estimate.total_gb)
         fit = memory.fit_suggestions(
-            memory.load_model_config(plan.expert.base_model), available_memory_gb=budget,
+            load_model_config(plan.expert.base_model), available_memory_gb=budget,
             sequence_length=plan.sequence_length, batch_size=plan.batch_size,
             gradient_checkpointing=bool(s.get("gradient_checkpointing")), lora_r=plan.lora.r,
             lora_targets=plan.lora.target_modules, precision=s.get("precision", plan.precision),

@@ -1,21 +1,19 @@
-"""What this machine can run, as plain data, and the checks a plan must pass before any model loads.
+"""What this machine can run, as plain data: devices, memory, precision support, the torch build.
 
-`detect()` is the only function that touches torch (imported inside it); every rule below reads a
-`Capabilities` value, so each one is tested on any machine with fakes (axolotl's approach). Nothing here
-imports transformers or loads a model: pre-flight runs before the first download.
+`detect()` is the only function that touches torch (imported inside it); everything else, here and in
+the rules that read a `Capabilities` value (preflight.py, hardware_report.py), is tested on any machine
+with fakes (axolotl's approach). Nothing here imports transformers or loads a model.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import re
 import warnings
 from dataclasses import asdict, dataclass, field
 
-from .errors import ConfigError, HardwareError, Problem
 
 GIB = 1024 ** 3
 DEVICE_ORDER = ("cuda", "mps", "cpu")  # what `device = "auto"` prefers
@@ -235,6 +233,13 @@ def gpu_supported_by_build(capability: tuple[int, int], arch_list) -> bool:
     return False
 
 
+def build_phrase(caps: Capabilities) -> str:
+    """'PyTorch 2.13.0 (CUDA 12.8)': the installed build, for messages."""
+    if not caps.torch_version:
+        return "torch (not installed)"
+    return f"PyTorch {caps.torch_version}" + (f" (CUDA {caps.torch_cuda_version})" if caps.torch_cuda_version else "")
+
+
 def install_hint(capability: tuple[int, int]) -> str:
     """What to install so torch can drive a GPU of `capability`."""
     return CU128_HINT if capability[0] >= 10 else CU126_HINT if capability < (7, 5) else (
@@ -344,276 +349,3 @@ def _ram_bytes() -> int:
         return int(status.ullTotalPhys)
     except Exception:  # noqa: BLE001
         return 0
-
-
-# ------------------------------------------------------------------ pre-flight rules
-
-@dataclass
-class Preflight:
-    """Result of checking a plan against the machine: what will run, or why it cannot."""
-
-    device: str
-    """Device kind the run uses (`auto` resolved)."""
-    precision: str
-    """Precision the run uses (bf16 becomes fp32 on a CPU without bf16 instructions)."""
-    problems: list[Problem] = field(default_factory=list)
-    """Reasons the run cannot start; empty when it can."""
-    notes: list[str] = field(default_factory=list)
-    """Changes made and things worth knowing (precision downgraded, a GPU skipped)."""
-
-    def raise_for_problems(self, preset: str = "") -> Preflight:
-        """HardwareError listing every problem, if there are any."""
-        if self.problems:
-            raise HardwareError(self.problems, title=f"Preset '{preset}' cannot run on this machine:" if preset else "")
-        return self
-
-
-def _device_check(hw, caps: Capabilities) -> tuple[str, list[tuple[str, str]], list[str]]:
-    """(device, [(why, hint)], notes) for a hardware profile on this machine."""
-    want, notes = hw.device, []
-    if want == "auto":
-        device = caps.best_device()
-        skipped = [g for g in caps.gpus if not g.supported_by_build]
-        if skipped and device != "cuda":
-            notes.append(f"{skipped[0].name} ({skipped[0].sm}) skipped: {_build_phrase(caps)} has no kernels "
-                         f"for it; {install_hint(skipped[0].capability)}")
-        return device, [], notes
-    if want == "cuda":
-        if not caps.gpus:
-            why = ("no CUDA GPU is visible" if caps.torch_cuda_version
-                   else f"no CUDA GPU is usable: {_build_phrase(caps)} is a CPU-only build")
-            hint = ""
-            if not caps.torch_cuda_version and caps.os != "Darwin":
-                hint = CU128_HINT + " if this machine has an NVIDIA GPU"
-            return "cuda", [(why, hint)], notes
-        usable = caps.usable_gpus()
-        if not usable:
-            g = caps.gpus[0]
-            return "cuda", [((f"{g.name} has CUDA capability {g.sm}, which {_build_phrase(caps)} has no kernels "
-                             f"for (built for {' '.join(caps.cuda_arch_list) or 'unknown targets'})"),
-                             install_hint(g.capability))], notes
-        if len(usable) < len(caps.gpus):
-            bad = [g for g in caps.gpus if not g.supported_by_build]
-            notes.append(f"GPU {', '.join(f'{g.index} ({g.name}, {g.sm})' for g in bad)} unsupported by this "
-                         f"build; set CUDA_VISIBLE_DEVICES={','.join(str(g.index) for g in usable)}")
-        if hw.num_gpus > len(usable):
-            return "cuda", [(f"the profile asks for {hw.num_gpus} GPUs per node, this machine has {len(usable)}",
-                             "use a single-GPU profile here, or launch on a machine with enough GPUs")], notes
-        return "cuda", [], notes
-    if want == "mps":
-        if caps.os != "Darwin":
-            return "mps", [(f"MPS needs macOS on Apple silicon; this machine runs {caps.os or 'another OS'}", "")], notes
-        if not caps.mps.available:
-            why = "MPS is not available" + (" (this torch build lacks it)" if not caps.mps.built else
-                                            f" (macOS {caps.mps.macos_version}; MPS needs 12.3+ on Apple silicon)")
-            return "mps", [(why, "")], notes
-    return want, [], notes
-
-
-def _build_phrase(caps: Capabilities) -> str:
-    if not caps.torch_version:
-        return "torch (not installed)"
-    return f"PyTorch {caps.torch_version}" + (f" (CUDA {caps.torch_cuda_version})" if caps.torch_cuda_version else "")
-
-
-def _precision_check(hw, device: str, precision: str, caps: Capabilities, preset_key: str):
-    """(precision, [(why, hint)], notes)."""
-    if device == "cpu":
-        if precision in ("bf16", "fp16") and not (caps.cpu.bf16_fast if precision == "bf16" else caps.cpu.fp16_fast):
-            isa = "AVX512-BF16 or AMX" if precision == "bf16" else "AVX512-FP16"
-            return "fp32", [], [(f"{precision} requested but this CPU ({caps.cpu.model_name or caps.cpu.arch}) has no "
-                                f"{isa}: training in fp32 (emulated {precision} would be slower)")]
-        return precision, [], []
-    if precision != "bf16":
-        return precision, [], []
-    lacking = ""
-    if device == "cuda":
-        gpu = next((g for g in caps.usable_gpus() if not g.bf16), None)
-        if gpu:
-            lacking = f"{gpu.name} ({gpu.sm}) has no bf16: it needs compute capability 8.0 or newer"
-    elif device == "mps" and not caps.mps.bf16:
-        lacking = f"MPS on macOS {caps.mps.macos_version or '?'} has no bf16 (it needs macOS 14 or newer)"
-    if not lacking:
-        return precision, [], []
-    if hw.device == "auto":  # the user did not pin the device: adapt instead of refusing
-        fallback = "fp16" if hw.supports_fp16 else "fp32"
-        return fallback, [], [f"{lacking}; training in {fallback}"]
-    return precision, [(lacking, (f'set precision = "fp16" in [presets.{preset_key}], or supports_bf16 = false '
-                                 f'in the hardware profile so "auto" picks fp16'))], []
-
-
-def preflight(plan, caps: Capabilities, cfg=None, *, suggest: bool = True) -> Preflight:
-    """Check a resolved TrainingConfig against the machine, before any download or model load.
-
-    Problems read `Hardware <profile name> is unsupported: <why>`; their hint names the presets of `cfg`
-    (the TrainingFile, loaded from plan.config_path when not given) that do fit this machine.
-    Pure: reads the plan and `caps` only (no transformers, no model, no network).
-    """
-    hw = plan.hardware
-    device, whys, notes = _device_check(hw, caps)
-    precision, more, pnotes = _precision_check(hw, device, plan.precision, caps, plan.preset) if not whys else \
-        (plan.precision, [], [])
-    whys, notes = whys + more, notes + pnotes
-    problems = []
-    if whys:
-        fitting = _fitting_presets(plan, cfg, caps) if suggest else []
-        for why, hint in whys:
-            alt = "" if not suggest else (f"presets that fit this machine: {', '.join(fitting)}" if fitting else
-                   "no preset fits this machine; `--detect` prints a hardware profile for it")
-            problems.append(Problem(f"Hardware {hw.name} is unsupported: {why}", key=f"hardware.{plan.hardware_name}",
-                                    file=plan.config_path if not plan.config_path.startswith("<") else "",
-                                    hint="; or ".join(h for h in (hint, alt) if h)))
-    return Preflight(device=device, precision=precision, problems=problems, notes=notes)
-
-
-def _fitting_presets(plan, cfg, caps: Capabilities) -> list[str]:
-    if cfg is None and plan.config_path and not plan.config_path.startswith("<"):
-        from .loader import load_config
-
-        try:
-            cfg = load_config(plan.config_path)
-        except ConfigError:
-            return []
-    if cfg is None:
-        return []
-    return [name for name, ok, _ in rank_presets(cfg, caps, memory=False) if ok and name != plan.preset]
-
-
-def rank_presets(cfg, caps: Capabilities, *, memory: bool = True, config_loader=None) -> list[tuple[str, bool, str]]:
-    """(preset, runs here, reason) for every preset of a TrainingFile, runnable ones first, best device first.
-
-    With `memory`, each runnable preset's estimate is compared with its budget; `config_loader(base_model)`
-    returns a model's config.json dict (default: memory.load_model_config, one call per base model).
-    """
-    from .memory import check_memory, load_model_config
-    from .plan import resolve
-
-    loader, cache = config_loader or load_model_config, {}
-    rows = []
-    for name in cfg.presets:
-        try:
-            plan = resolve(cfg, name)
-        except ConfigError as exc:
-            rows.append((name, False, f"config: {exc.problems[0].message}", 9))
-            continue
-        pf = preflight(plan, caps, suggest=False)
-        if pf.problems:
-            rows.append((name, False, pf.problems[0].message, 9))
-            continue
-        reason, ok = f"{pf.device}, {pf.precision}", True
-        if memory:
-            base = plan.expert.base_model
-            if base not in cache:
-                try:
-                    cache[base] = loader(base)
-                except HardwareError as exc:
-                    cache[base] = exc
-            if isinstance(cache[base], HardwareError):
-                reason += "; memory not checked (no config.json for the model)"
-            else:
-                plan.precision = pf.precision
-                verdict = check_memory(plan, cache[base], caps=caps)
-                ok = verdict.fits
-                reason += f", ~{verdict.estimate.total_gb:.1f} of {verdict.available_gb:g} GiB" + (
-                    "" if ok else f" (too much; {verdict.suggestions.hint()})")
-        rows.append((name, ok, reason, DEVICE_ORDER.index(pf.device)))
-    rows.sort(key=lambda r: (not r[1], r[3], r[0]))
-    return [(name, ok, reason) for name, ok, reason, _ in rows]
-
-
-# ------------------------------------------------------------------ profile block and report
-
-def profile_block(caps: Capabilities, name: str = "") -> str:
-    """A `[hardware.NAME]` table describing this machine, ready to paste into training.toml."""
-    device = caps.best_device()
-    gpus = caps.usable_gpus()
-    if device == "cuda":
-        memory = math.floor(gpus[0].total_memory_gb * 0.95 * 2) / 2
-        label, bf16, fp16 = f"{gpus[0].name} {gpus[0].total_memory_gb:.0f}GB", all(g.bf16 for g in gpus), True
-    elif device == "mps":
-        memory = math.floor(caps.device_memory_gb("mps"))
-        label, bf16, fp16 = f"Mac ({caps.cpu.model_name or 'Apple silicon'}) with MPS", caps.mps.bf16, True
-    else:
-        memory = max(1, math.floor(caps.cpu.ram_gb * 0.75))
-        label, bf16, fp16 = f"CPU {caps.cpu.model_name or caps.cpu.arch}".strip(), caps.cpu.bf16_fast, \
-            caps.cpu.fp16_fast
-    seq, batch = next((s, b) for limit, s, b in ((12, 1024, 1), (20, 2048, 2), (32, 4096, 4),
-                                                 (math.inf, 8192, 8)) if memory < limit)
-    key = name or "local-" + (re.sub(r"[^a-z0-9]+", "-", re.sub(r"(?i)nvidia|geforce", "", gpus[0].name).lower())
-                              .strip("-") if device == "cuda" else device)
-    values = {"name": label, "device": device, "available_memory_gb": memory, "max_batch_size": batch,
-                  "max_sequence_length": seq, "supports_fp16": fp16, "supports_bf16": bf16,
-                  "supports_gradient_checkpointing": device != "mps",  # the user's note: breaks LoRA on MPS
-                  "max_lora_rank": 16 if memory < 12 else 32 if memory < 24 else 64,
-                  "recommended_gradient_accumulation": max(1, 8 // batch)}
-    if device == "cuda" and len(gpus) > 1:
-        values["num_gpus"] = len(gpus)
-    unsupported = [g for g in caps.gpus if not g.supported_by_build]
-    if unsupported and not gpus:
-        g = unsupported[0]
-        values["reason"] = f"CUDA capability {g.sm} ({g.name}) not supported by PyTorch {caps.torch_version}"
-    values["notes"] = f"detected by hafs: {caps.describe(device)}; torch {caps.torch_version or 'missing'}"
-    lines = [f"[hardware.{key}]"] + [f"{k} = {_toml_value(v)}" for k, v in values.items()]
-    return "\n".join(lines) + "\n"
-
-
-def _toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    escaped = {'"': '\\"', "\\": "\\\\"}
-    return '"' + "".join(escaped.get(c) or (f"\\u{ord(c):04x}" if ord(c) < 32 or ord(c) == 127 else c)
-                         for c in str(value)) + '"'
-
-
-def detect_report(caps: Capabilities, cfg=None, *, memory: bool = True, config_loader=None) -> str:
-    """The `--detect` text: the machine, a profile block for it, and the config's presets ranked."""
-    lines = [f"Machine: {caps.os} {caps.os_version} ({caps.cpu.arch}), Python {caps.python_version}",
-             f"  {_build_phrase(caps) if caps.torch_version else 'PyTorch: not installed'}"
-             + (f", kernels for {' '.join(caps.cuda_arch_list)}" if caps.cuda_arch_list
-                else "" if caps.torch_cuda_version else ", CPU-only build"),
-             f"  Devices: {', '.join(caps.device_kinds())} (auto picks {caps.best_device()})",
-             f"  CPU: {caps.describe('cpu')[5:]}; bf16: "
-             + ("yes (" + ", ".join(n for n, f in (("AVX512-BF16", caps.cpu.avx512_bf16),
-                                                    ("AMX-BF16", caps.cpu.amx_bf16)) if f) + ")"
-                if caps.cpu.avx512_bf16 or caps.cpu.amx_bf16 else "yes" if caps.cpu.bf16_fast
-                else "no (training in fp32)")]
-    for g in caps.gpus:
-        support = "supported" if g.supported_by_build else f"NOT supported by this build: {install_hint(g.capability)}"
-        lines.append(f"  GPU {g.index}: {g.name}, {g.total_memory_gb:.1f} GiB, {g.sm}, "
-                     f"bf16 {'yes' if g.bf16 else 'no'}, fp16 yes: {support}")
-    if caps.os == "Darwin":
-        m = caps.mps
-        lines.append(f"  MPS: {'available' if m.available else 'not available'}, macOS {m.macos_version}, "
-                     f"{m.unified_memory_gb:.0f} GiB unified ({caps.device_memory_gb('mps'):.0f} GiB usable), "
-                     f"bf16 {'yes' if m.bf16 else 'no'}")
-    lines += [f"  note: {n}" for n in caps.notes]
-    lines += ["", "Hardware profile for this machine (paste into config/training.toml):", "",
-              profile_block(caps).rstrip()]
-    if cfg is not None:
-        lines += ["", f"Presets in {cfg.path or 'the config'}, runnable here first:"]
-        for name, ok, reason in rank_presets(cfg, caps, memory=memory, config_loader=config_loader):
-            lines.append(f"  {'ok' if ok else '--'}  {name:<24} {reason}")
-    return "\n".join(lines)
-
-
-def cmd_detect(args) -> int:
-    """`hafs detect` / `train.py --detect`: the machine, a profile block, the presets ranked (`--json` too)."""
-    from .loader import load_config
-
-    caps, cfg, problem = detect(), None, ""
-    try:
-        cfg = load_config(getattr(args, "config", None))
-    except ConfigError as exc:  # detection is still useful without a (valid) config
-        problem = exc.render()
-    if getattr(args, "json", False):
-        ranked = rank_presets(cfg, caps) if cfg is not None else []
-        print(json.dumps({"capabilities": caps.to_dict(), "profile_block": profile_block(caps),
-                          "presets": [{"preset": n, "runs_here": ok, "reason": r} for n, ok, r in ranked],
-                          "config_problem": problem or None}, indent=2))
-        return 0
-    print(detect_report(caps, cfg))
-    if problem:
-        print(f"\n(presets not ranked: the config did not load)\n{problem}")
-    return 0

@@ -179,7 +179,7 @@ def run_settings(plan, caps=None) -> RunSettings:
     s.packing = bool(plan.packing)
     s.attn_implementation = choose_attention(s.device, s.precision, s.packing)
     # Checkpointing trades ~30% more compute for memory; only when asked for. A plan that leaves
-    # it unset gets it from memory.check_plan when the estimate does not fit.
+    # it unset gets it from memory_check.check_plan when the estimate does not fit.
     s.gradient_checkpointing = bool(plan.gradient_checkpointing)
     # PyTorch's CPU dropout draws one mt19937 number per element: at LoRA's input widths that was
     # as slow as the layer's matmuls. CUDA's dropout (Philox, fused) is cheap: keep it there.

@@ -36,12 +36,12 @@ class RunOptions:
 
 
 def run(plan: TrainingConfig, opts: RunOptions, log=print) -> Path:
-    from . import checkpoint, data, engine, faults, hardware, memory, model_loading, outputs, tokenize
+    from . import checkpoint, data, engine, faults, hardware, memory_check, model_loading, outputs, preflight, tokenize
     from . import distributed
 
     # 1. Fail fast: machine, data and memory are checked before any model is loaded.
     caps = hardware.detect()
-    pre = hardware.preflight(plan, caps)
+    pre = preflight.preflight(plan, caps)
     for note in pre.notes:
         log(f"note: {note}")
     pre.raise_for_problems(plan.preset)
@@ -53,7 +53,7 @@ def run(plan: TrainingConfig, opts: RunOptions, log=print) -> Path:
         log = _quiet
     train_raw = data.read_split(plan, "train")  # bad rows / missing files are reported here
     fingerprint = train_raw.stats.sha256
-    estimate = memory.check_plan(plan, settings, force=opts.force, log=log, caps=caps)
+    estimate = memory_check.check_plan(plan, settings, force=opts.force, log=log, caps=caps)
 
     # 2. Where this run lives: a fresh run directory, or the one we resume.
     point = checkpoint.find_resume(plan, opts.resume, force=opts.force, log=log,

@@ -1,0 +1,145 @@
+"""The memory gate of a plan: its estimate against the profile's budget, before any model loads.
+
+`check_plan` is what the trainer calls (and `check_memory` what --dry-run and the preset ranking
+call): it estimates with the run's own settings (memory.estimate_memory), turns gradient
+checkpointing on when the plan leaves it to memory and only that makes it fit, and otherwise
+refuses with the largest settings that would fit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import HardwareError
+from .memory import ATTN_IMPLS, CPU_ALLOCATORS, FitSuggestions, MemoryEstimate, estimate_memory
+from .model_config import load_model_config
+
+
+@dataclass(frozen=True)
+class MemoryVerdict:
+    """The memory check of one plan: the estimate, the budget, and what to do when it does not fit."""
+
+    estimate: MemoryEstimate
+    """The estimate for the settings that will run (gradient checkpointing as decided)."""
+    available_gb: float
+    """The budget: the profile's available_memory_gb, or less when the device has less."""
+    fits: bool
+    """The estimate is within the budget."""
+    gradient_checkpointing: bool
+    """Checkpointing to use: the plan's choice, or decided here when the plan leaves it to memory (None)."""
+    suggestions: FitSuggestions | None = None
+    """Settings that would fit, when the plan does not."""
+    problems: list = field(default_factory=list)
+    """Problems that refuse the run (empty with --force or when it fits)."""
+    notes: list = field(default_factory=list)
+    """Things the user should know (checkpointing turned on, budget lowered to the device's memory)."""
+
+    def render(self) -> str:
+        """Breakdown plus the verdict line, for --dry-run."""
+        verdict = "fits" if self.fits else "does NOT fit"
+        lines = [self.estimate.render(),
+                 f"  verdict: {self.estimate.total_gb:.1f} GiB of {self.available_gb:g} GiB available: {verdict}"]
+        if self.suggestions and not self.fits:
+            lines.append(f"  {self.suggestions.hint()}")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def estimate_for_plan(plan, model_config: dict | None = None, *, settings=None, caps=None,
+                      gradient_checkpointing: bool | None = None, **overrides) -> MemoryEstimate:
+    """The estimate for a resolved TrainingConfig.
+
+    `model_config` defaults to load_model_config(base_model) (may raise HardwareError). `settings` (the
+    run's RunSettings) supplies device, precision, attention and loss chunk; without it the plan's device
+    is used (`auto`: caps.best_device(), else cpu) and attention is sdpa.
+    """
+    if model_config is None:
+        model_config = load_model_config(plan.expert.base_model, plan.expert.trust_remote_code)
+    kwargs = _plan_kwargs(plan, settings, caps)
+    gc = kwargs.pop("gradient_checkpointing")
+    gc = gc if gradient_checkpointing is None else gradient_checkpointing
+    return estimate_memory(model_config, **{**kwargs, **overrides}, gradient_checkpointing=bool(gc))
+
+
+def settings_kwargs(settings) -> dict:
+    """estimate_memory arguments that a run's RunSettings (precision.run_settings) decides."""
+    device = str(settings.device).split(":")[0]
+    autocast = bool(getattr(settings, "autocast_dtype", None))
+    attn = getattr(settings, "attn_implementation", "sdpa")
+    allocator = getattr(settings, "cpu_allocator", "glibc")
+    return {"device_kind": device, "precision": settings.precision, "attn_impl": attn if attn in ATTN_IMPLS else "sdpa",
+                "gradient_checkpointing": bool(getattr(settings, "gradient_checkpointing", False)),
+                "loss_chunk_tokens": getattr(settings, "loss_chunk_size", None), "autocast": autocast,
+                "lora_input_cast": not autocast,  # model_loading.prepare_for_training: no fp32 copy under autocast
+                "dropout_mask_bytes": 1 if getattr(settings, "fast_dropout", False) else None,
+                "lean_kernels": bool(getattr(settings, "lean_kernels", False)),
+                "cpu_allocator": allocator if allocator in CPU_ALLOCATORS else "glibc"}
+
+
+def _plan_kwargs(plan, settings=None, caps=None) -> dict:
+    """estimate_memory arguments for a plan, from its RunSettings when there are some."""
+    if settings is not None:
+        run = settings_kwargs(settings)
+        run["gradient_checkpointing"] = run["gradient_checkpointing"] or bool(plan.gradient_checkpointing)
+    else:
+        device = plan.device if plan.device != "auto" else (caps.best_device() if caps is not None else "cpu")
+        run = {"device_kind": device, "precision": plan.precision, "gradient_checkpointing": bool(plan.gradient_checkpointing)}
+    shards = plan.world_size() if plan.hardware.distributed == "fsdp" else 1
+    return dict(sequence_length=plan.sequence_length, batch_size=plan.batch_size, lora_r=plan.lora.r,
+                lora_targets=list(plan.lora.target_modules), lora_dropout=plan.lora.lora_dropout,
+                packing=plan.packing, weight_shards=shards, **run)
+
+
+def check_memory(plan, model_config: dict, *, settings=None, caps=None, force: bool = False) -> MemoryVerdict:
+    """Compare the plan's estimate with its profile's available_memory_gb (or the device's, when smaller).
+
+    A plan that leaves gradient_checkpointing unset (None) gets it only when it is needed to fit and the
+    profile allows it. Over budget: a Problem naming the largest settings that fit, or a note with --force.
+    """
+    hw, notes = plan.hardware, []
+    kwargs = _plan_kwargs(plan, settings, caps)
+    budget = hw.available_memory_gb
+    device_gb = caps.device_memory_gb(kwargs["device_kind"]) if caps is not None else 0.0
+    if 0 < device_gb < budget:
+        notes.append(f"{plan.hardware_name} declares {budget:g} GiB but this device has {device_gb:.1f} GiB: "
+                     "checking against the device")
+        budget = device_gb
+    est = estimate_memory(model_config, **kwargs)
+    if est.total_gb > budget and plan.gradient_checkpointing is None and not kwargs["gradient_checkpointing"] \
+            and hw.supports_gradient_checkpointing:
+        with_gc = estimate_memory(model_config, **{**kwargs, "gradient_checkpointing": True})
+        if with_gc.total_gb <= budget:
+            notes.append(f"gradient checkpointing turned on: without it the run needs ~{est.total_gb:.1f} GiB "
+                         f"of {budget:g}, with it ~{with_gc.total_gb:.1f}")
+            est = with_gc
+    gc = est.settings["gradient_checkpointing"]
+    if est.total_gb <= budget:
+        return MemoryVerdict(est, budget, True, gc, notes=notes)
+    problem = est.over_limit_problem(plan, budget)
+    sugg = est.suggestions(budget)
+    if force:
+        return MemoryVerdict(est, budget, False, gc, sugg, notes=notes + [problem.message + " (continuing: --force)"])
+    return MemoryVerdict(est, budget, False, gc, sugg, problems=[problem], notes=notes)
+
+
+def check_plan(plan, settings=None, *, force: bool = False, log=print, caps=None,
+               model_config: dict | None = None) -> MemoryEstimate | None:
+    """The trainer's memory gate: estimate, decide checkpointing, refuse when over budget (unless force).
+
+    Sets `settings.gradient_checkpointing` when the plan leaves it to memory and it is needed. Returns the
+    estimate, or None (with a note) when the model's config.json cannot be read.
+    """
+    try:
+        config = model_config if model_config is not None else load_model_config(
+            plan.expert.base_model, plan.expert.trust_remote_code)
+        verdict = check_memory(plan, config, settings=settings, caps=caps, force=force)
+    except HardwareError as exc:
+        log(f"note: memory estimate unavailable: {exc.problems[0].message}")
+        return None
+    for note in verdict.notes:
+        log(f"note: {note}")
+    if verdict.problems:
+        raise HardwareError(verdict.problems, title=f"Preset '{plan.preset}' does not fit in memory:")
+    if settings is not None and verdict.gradient_checkpointing:
+        settings.gradient_checkpointing = True
+    return verdict.estimate

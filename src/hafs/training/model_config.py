@@ -1,0 +1,101 @@
+"""A base model's config.json without loading the model: local folders, the demo, shipped shapes, the hub.
+
+The memory estimate and the dry run need only the model's shape, and must get it offline where they
+can (a dry run on a plane, CI without the hub): local paths first, then the hub cache, then folders
+the user names in $HAFS_MODEL_CONFIGS, then the shapes shipped with hafs, and the hub last, failing
+in a second when it cannot be reached.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .errors import HardwareError, Problem
+
+
+def load_model_config(base_model: str, trust_remote_code: bool = False) -> dict:
+    """config.json of a local model directory (or .json file), the offline demo model, or a hub repository.
+
+    Hub ids are looked up first in the folders of $HAFS_MODEL_CONFIGS (os.pathsep-separated; files named
+    `ORG--NAME.json` or `name-config.json`, e.g. tests/fixtures), then in the hub cache or the hub itself.
+    Only JSON is read, so `trust_remote_code` never runs anything here. Raises HardwareError saying what
+    to do when no config can be had.
+    """
+    del trust_remote_code
+    path = Path(base_model).expanduser()
+    if path.is_dir():
+        return _read_json(path / "config.json")
+    if path.suffix == ".json" and path.is_file():
+        return _read_json(path)
+    if base_model.startswith("hafs-demo/"):
+        from . import demo  # lazy: the demo builder imports transformers
+
+        getter = getattr(demo, "demo_model_config", None)
+        if getter is not None:
+            return dict(getter(base_model))
+        return _read_json(Path(demo.resolve_demo_model(base_model)) / "config.json")
+    name = base_model.rstrip("/").split("/")[-1]
+    # The hub cache first (it is what will be trained), then folders the user names, then the shapes
+    # shipped with hafs (the seed's base model), so an offline dry run still gets a verdict.
+    cached = _hub_cached_config(base_model)
+    if cached is not None:
+        return _read_json(cached)
+    folders = os.environ.get("HAFS_MODEL_CONFIGS", "").split(os.pathsep) + [str(BUNDLED_CONFIGS)]
+    for folder in filter(None, folders):
+        for candidate in (base_model.replace("/", "--") + ".json", f"{name.lower()}-config.json"):
+            if (Path(folder).expanduser() / candidate).is_file():
+                return _read_json(Path(folder).expanduser() / candidate)
+    try:
+        from huggingface_hub import hf_hub_download
+
+        if not _hub_reachable():  # fail in a second, not after the hub client's 25 s of retries
+            raise ConnectionError("huggingface.co cannot be reached (offline?)")
+        local = hf_hub_download(base_model, "config.json")  # honours HF_HUB_OFFLINE
+    except Exception as exc:  # noqa: BLE001 - network, auth, missing repo: all mean "no config to read"
+        first = str(exc).splitlines()[0][:200] if str(exc) else ""
+        raise HardwareError([Problem(
+            f"cannot read config.json of '{base_model}' for the memory estimate ({type(exc).__name__}"
+            + (f": {first})" if first else ")"), key="expert.base_model",
+            hint="connect once so the hub cache has it, point base_model at a local model directory, set "
+                 "HAFS_MODEL_CONFIGS to a folder holding its config.json, or pass --force to skip the check")]) from None
+    return _read_json(Path(local))
+
+
+BUNDLED_CONFIGS = Path(__file__).resolve().parent / "model_configs"
+
+
+def _hub_cached_config(base_model: str) -> Path | None:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(base_model, "config.json")
+    except Exception:  # noqa: BLE001 - not a repo id, or no cache: nothing cached
+        return None
+    return Path(found) if isinstance(found, str) else None
+
+
+def _hub_reachable(timeout: float = 2.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+        return False
+    import socket
+
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise HardwareError([Problem("model directory has no config.json", file=str(path.parent),
+                                     hint="base_model must be a Hugging Face model directory or hub id")]) from None
+    except (OSError, ValueError) as exc:
+        raise HardwareError([Problem(f"cannot read model config: {exc}", file=str(path))]) from None
+    if not isinstance(data, dict):
+        raise HardwareError([Problem("model config is not a JSON object", file=str(path))])
+    return data
