@@ -31,7 +31,7 @@ COMMANDS = {
     "validate": "hafs.training.cli:cmd_validate",
     "detect": "hafs.training.hardware_report:cmd_detect",
     "eval": "hafs.training.evaluate:cmd_eval",
-    "models": "hafs.training.registry:cmd_models",
+    "models": "hafs.training.models_cli:cmd_models",
     "generate": "hafs.training.generate:cmd_generate",
     "merge": "hafs.training.merge:cmd_merge",
     "export": "hafs.training.export:cmd_export",
