@@ -545,3 +545,22 @@ def test_the_config_reference_is_generated_from_the_current_schema():
                          text=True, check=True).stdout
     assert out == (root / "docs" / "config-reference.md").read_text(), \
         "docs/config-reference.md is stale: python scripts/config_reference.py > docs/config-reference.md"
+
+
+def test_the_plan_carries_every_hyperparameter_with_the_same_type_and_default():
+    # TrainingConfig repeats [hyperparameters.*] as flat fields (plan.learning_rate = 3e-4, as in the
+    # seed); a key added to one and not the other would be silently dropped or never set.
+    import typing
+
+    from hafs.training.plan import TrainingConfig
+    from hafs.training.schema import HyperparameterSection
+
+    plan_fields = {f.name: f for f in dataclasses.fields(TrainingConfig)}
+    plan_types, section_types = typing.get_type_hints(TrainingConfig), typing.get_type_hints(HyperparameterSection)
+    for f in dataclasses.fields(HyperparameterSection):
+        assert f.name in plan_fields, f"TrainingConfig lacks hyperparameter {f.name}"
+        mine = plan_fields[f.name]
+        assert plan_types[f.name] == section_types[f.name], f.name
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        plan_default = mine.default_factory() if mine.default_factory is not dataclasses.MISSING else mine.default
+        assert plan_default == default, f.name

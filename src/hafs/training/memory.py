@@ -156,9 +156,9 @@ class MemoryEstimate:
         """The breakdown as aligned lines, for --dry-run."""
         s = self.settings
         shards = s.get("weight_shards", 1)
+        sharded = f", layers sharded over {shards} workers" if shards > 1 else ""
         rows = [("frozen weights", self.weights_gb, (f"{s.get('parameters', 0) / 1e6:,.0f}M params in "
-                                                    f"{s.get('precision', '')}"
-                                                    + (f", layers sharded over {shards} workers" if shards > 1 else ""))),
+                                                    f"{s.get('precision', '')}{sharded}")),
                 ("LoRA params+grads+AdamW", self.lora_gb, f"{s.get('lora_parameters', 0) / 1e6:,.2f}M params, fp32"),
                 ("activations", self.activations_gb, f"{s.get('tokens', 0):,} tokens, attention {s.get('attn_impl')}"
                  + (", checkpointed" if s.get("gradient_checkpointing") else "")),

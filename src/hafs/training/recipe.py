@@ -36,8 +36,8 @@ class RunOptions:
 
 
 def run(plan: TrainingConfig, opts: RunOptions, log=print) -> Path:
-    from . import checkpoint, data, engine, faults, hardware, memory_check, model_loading, outputs, preflight, tokenize
-    from . import distributed
+    from . import checkpoint, data, distributed, engine, faults, hardware, memory_check, model_loading, outputs
+    from . import preflight, progress, tokenize
 
     # 1. Fail fast: machine, data and memory are checked before any model is loaded.
     caps = hardware.detect()
@@ -70,7 +70,7 @@ def run(plan: TrainingConfig, opts: RunOptions, log=print) -> Path:
     ctx.broadcast_params([p for p in model.parameters() if p.requires_grad])
     batches = engine.BatchSource(prepared.train, plan, tokenizer, settings)
     total_steps = plan.total_steps(-(-batches.micro_batches_per_epoch() // ctx.world_size))
-    engine.print_plan(plan, settings, prepared, total_steps, estimate, log=log, model=model)
+    progress.print_plan(plan, settings, prepared, total_steps, estimate, log=log, model=model)
     if ctx.enabled:
         log(f"Distributed: {ctx.world_size} workers ({ctx.backend}); global batch = {plan.batch_size} x "
             f"{plan.gradient_accumulation} x {ctx.world_size} = {plan.effective_batch(ctx.world_size)} per step")
@@ -142,7 +142,7 @@ def run(plan: TrainingConfig, opts: RunOptions, log=print) -> Path:
             "dataset_stats": prepared.stats() if plan.output.metadata.include_dataset_stats else None,
             "losses": {"train": state.loss_history, "eval": state.eval_history},
             "evaluation": evaluation, "memory_estimate_gb": round(estimate.total_gb, 3) if estimate else None,
-            "versions": engine.library_versions(), "run_dir": str(run_dir),
+            "versions": progress.library_versions(), "run_dir": str(run_dir),
         })
     outputs.atomic_write_json(staged / "metadata.json", meta)
     final = outputs.finalize_dir(staged, Path(plan.output.models_dir), name)

@@ -139,7 +139,7 @@ class HardwareProfile:
     num_nodes: int = 1
     """Machines in a multi-node run."""
     distributed: str = "ddp"
-    """Multi-GPU strategy: ddp (a whole model per GPU) or fsdp (frozen layers sharded over the GPUs: models too big for one)."""
+    """Multi-GPU strategy: ddp (a whole model per GPU) or fsdp (frozen layers sharded over the GPUs)."""
     accelerator: str = ""
     """Cloud accelerator name for `hafs launch` (e.g. RTX4090, A100); derived from `name` when empty."""
 
