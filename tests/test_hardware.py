@@ -260,3 +260,14 @@ def test_detect_report_and_cmd_detect_json(cfg, capsys, monkeypatch):
     assert out["capabilities"]["cpu"]["bf16_fast"] is True
     assert out["presets"][0] == {"preset": "demo", "runs_here": True, "reason": out["presets"][0]["reason"]}
     assert load_config_text(out["profile_block"]).hardware
+
+
+def test_precision_is_settled_by_the_gpu_present_and_kept_when_none_is():
+    from hafs.training.precision import settle_precision
+
+    assert settle_precision("bf16", "cuda", with_gpu("Tesla T4", (7, 5), CU126))[0] == "fp16"  # no bf16 before sm_80
+    assert settle_precision("bf16", "cuda", with_gpu("NVIDIA A100", (8, 0), CU128, 40)) == ("bf16", None)
+    # a dry run for a cloud profile on a laptop: no GPU to judge by, the profile's precision stands
+    assert settle_precision("bf16", "cuda", linux_cpu()) == ("bf16", None)
+    assert settle_precision("bf16", "cpu", linux_cpu(bf16=False))[0] == "fp32"
+    assert settle_precision("fp16", "cpu", linux_cpu())[0] == "fp32"

@@ -131,6 +131,15 @@ def cuda_bf16(caps=None) -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
+def cuda_visible(caps=None) -> bool:
+    """A CUDA GPU is visible to this process."""
+    if caps is not None:
+        return bool(caps.gpus)
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def settle_precision(precision: str, device: str, caps=None) -> tuple[str, str | None]:
     """(precision usable here, note or None): the plan's choice, downgraded only when the device lacks it."""
     kind = device.split(":")[0]
@@ -140,7 +149,9 @@ def settle_precision(precision: str, device: str, caps=None) -> tuple[str, str |
         if precision == "fp16":
             # CPU fp16 matmuls are emulated (slower than fp32) and would need loss scaling too.
             return "fp32", "fp16 is not fast on CPUs: training in fp32"
-    if kind == "cuda" and precision == "bf16" and not cuda_bf16(caps):
+    # No CUDA GPU here at all (a dry run on a laptop for a cloud profile): pre-flight reports that,
+    # and the profile's own precision is the best guess of what will run there.
+    if kind == "cuda" and precision == "bf16" and cuda_visible(caps) and not cuda_bf16(caps):
         return "fp16", "this GPU has no bf16 (compute capability < 8.0): training in fp16 with loss scaling"
     return precision, None
 
