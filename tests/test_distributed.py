@@ -14,80 +14,25 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from conftest import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 PRESET = "dist-test"
 
-CONFIG = """
-[metadata]
-schema_version = 1
-
-[hardware.cpu]
-name = "CPU"
-device = "cpu"
-available_memory_gb = 16
-max_batch_size = 8
-max_sequence_length = 2048
-supports_bf16 = false
-supports_fp16 = false
-max_lora_rank = 64
-
-[experts.tiny]
-display_name = "Tiny"
-base_model = "{model}"
-role = "asm"
-context_window = 2048
-
-[lora.tiny]
-r = 4
-lora_alpha = 8
-lora_dropout = 0.0
-
-[hyperparameters.dist]
+HYPERPARAMETERS = """
 {steps}
 learning_rate = 2e-3
 warmup_steps = 1
 logging_steps = 1
 save_steps = 2
 seed = 3
-
-[datasets.demo]
-path = "{data}"
-
-[presets.{preset}]
-expert = "tiny"
-hardware = "cpu"
-dataset = "demo"
-lora = "tiny"
-hyperparameters = "dist"
-sequence_length = 128
-batch_size = 2
-gradient_accumulation = {accumulation}
-precision = "fp32"
-
-[output]
-models_dir = "{root}/models"
-logs_dir = "{root}/logs"
-checkpoints_dir = "{root}/checkpoints"
-name_template = "{{expert}}-{{date}}"
 """
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    from hafs.training.demo import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-model") / "model")
 
 
 def make_config(root: Path, model: Path, accumulation: int, *, data: Path = REPO / "data" / "demo",
                 steps: str = "max_steps = 4") -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    config = root / "training.toml"
-    config.write_text(CONFIG.format(model=model, data=data, root=root, preset=PRESET, accumulation=accumulation,
-                                    steps=steps))
-    return config
+    return tiny_config(root, model, preset=PRESET, data=data, gradient_accumulation=accumulation,
+                       hyperparameters=HYPERPARAMETERS.format(steps=steps), hyperparameters_name="dist")
 
 
 def small_dataset(root: Path, train_rows: int, val_rows: int) -> Path:

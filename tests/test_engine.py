@@ -12,6 +12,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch on one thread
+
 from hafs.training import engine, model_loading
 from hafs.training.batching import collate
 from hafs.training.data import SplitStats
@@ -24,15 +26,6 @@ from hafs.training.tokenize import TokenizedSplit, TokenStats
 
 CONFIG = Path(__file__).resolve().parents[1] / "config" / "training.toml"
 VOCAB, PAD, EOS = 96, 1, 2
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Other processes share the CPU; one thread avoids OpenMP stalls and keeps these tests fast.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -7,15 +7,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch on one thread
+
 from hafs.training import kernels
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def lora_layer(alpha=16, r=4, dropout=0.0, seed=0):

@@ -7,6 +7,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch on one thread
+
 from hafs.training.loss import (
     IGNORE_INDEX,
     causal_lm_loss,
@@ -16,15 +18,6 @@ from hafs.training.loss import (
     plain_head,
     select_labelled,
 )
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Other processes share the CPU; one thread avoids OpenMP stalls and keeps these tests fast.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_causal_lm(vocab=96, seed=0):

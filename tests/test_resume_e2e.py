@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 PRESET, MAX_STEPS, SAVE_STEPS = "kill-test", 12, 2
@@ -30,32 +31,7 @@ def recipe_ready() -> bool:
 pytestmark = [pytest.mark.skipif(not recipe_ready(), reason="hafs.training.recipe not written yet"),
               pytest.mark.slow]
 
-CONFIG = """
-[metadata]
-schema_version = 1
-
-[hardware.cpu]
-name = "CPU"
-device = "cpu"
-available_memory_gb = 16
-max_batch_size = 8
-max_sequence_length = 2048
-supports_bf16 = false
-supports_fp16 = false
-max_lora_rank = 64
-
-[experts.tiny]
-display_name = "Tiny"
-base_model = "{model}"
-role = "asm"
-context_window = 2048
-
-[lora.tiny]
-r = 4
-lora_alpha = 8
-lora_dropout = 0.2
-
-[hyperparameters.kill]
+HYPERPARAMETERS = """
 max_steps = {max_steps}
 learning_rate = 1e-3
 warmup_steps = 2
@@ -64,45 +40,14 @@ logging_steps = 1
 save_steps = {save_steps}
 save_total_limit = 2
 seed = 5
-
-[datasets.demo]
-path = "{data}"
-
-[presets.{preset}]
-expert = "tiny"
-hardware = "cpu"
-dataset = "demo"
-lora = "tiny"
-hyperparameters = "kill"
-sequence_length = 128
-batch_size = 2
-gradient_accumulation = 2
-precision = "fp32"
-
-[output]
-models_dir = "{root}/models"
-logs_dir = "{root}/logs"
-checkpoints_dir = "{root}/checkpoints"
-name_template = "{{expert}}-{{date}}"
 """
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    from hafs.training.demo import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-model") / "model")
-
-
-def make_run(root: Path, model: Path, **settings) -> Path:
-    """A folder with its own training.toml; returns the config path."""
-    root.mkdir(parents=True, exist_ok=True)
-    values = dict(model=model, data=REPO / "data" / "demo", root=root, preset=PRESET, max_steps=MAX_STEPS,
-                  save_steps=SAVE_STEPS)
-    values.update(settings)
-    config = root / "training.toml"
-    config.write_text(CONFIG.format(**values))
-    return config
+def make_run(root: Path, model: Path, max_steps: int = MAX_STEPS) -> Path:
+    """A folder with its own training.toml (LoRA dropout > 0); returns the config path."""
+    return tiny_config(root, model, preset=PRESET, lora_dropout=0.2, gradient_accumulation=2,
+                       hyperparameters=HYPERPARAMETERS.format(max_steps=max_steps, save_steps=SAVE_STEPS),
+                       hyperparameters_name="kill")
 
 
 def command(config: Path, *extra: str) -> list[str]:

@@ -11,65 +11,20 @@ import pytest
 
 optuna = pytest.importorskip("optuna")
 
+from conftest import tiny_config
+
 from hafs.training.errors import ConfigError
 from hafs.training.loader import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 PRESET = "tune-test"
 
-CONFIG = """
-[metadata]
-schema_version = 1
-
-[hardware.cpu]
-name = "CPU"
-device = "cpu"
-available_memory_gb = 16
-max_batch_size = 8
-max_sequence_length = 2048
-supports_bf16 = false
-supports_fp16 = false
-max_lora_rank = 16
-
-[experts.tiny]
-display_name = "Tiny"
-base_model = "{model}"
-role = "asm"
-context_window = 2048
-
-[lora.tiny]
-r = 4
-lora_alpha = 8
-lora_dropout = 0.0
-
-[hyperparameters.short]
+HYPERPARAMETERS = """
 max_steps = 4
 learning_rate = 1e-3
 logging_steps = 2
 eval_steps = 2
 seed = 7
-
-[datasets.demo]
-path = "{data}"
-
-[presets.{preset}]
-expert = "tiny"
-hardware = "cpu"
-dataset = "demo"
-lora = "tiny"
-hyperparameters = "short"
-sequence_length = 128
-batch_size = 4
-gradient_accumulation = 1
-precision = "fp32"
-
-[output]
-models_dir = "{root}/models"
-logs_dir = "{root}/logs"
-checkpoints_dir = "{root}/checkpoints"
-name_template = "{{expert}}-{{date}}"
-
-{tuning}
 """
 
 SPACE = f"""
@@ -80,19 +35,9 @@ warmup_steps = {{type = "int", low = 0, high = 2}}
 """
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    from hafs.training.demo import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-model") / "model")
-
-
 def write_config(root: Path, model: Path, tuning: str = SPACE) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    path = root / "training.toml"
-    path.write_text(CONFIG.format(model=model, data=REPO / "data" / "demo", root=root, preset=PRESET,
-                                  tuning=tuning))
-    return path
+    return tiny_config(root, model, preset=PRESET, batch_size=4, max_lora_rank=16, hyperparameters=HYPERPARAMETERS,
+                       hyperparameters_name="short", extra=tuning)
 
 
 def tune_args(config: Path, trials: int, **kw) -> Namespace:
