@@ -169,6 +169,16 @@ def train_script_main(argv: list[str] | None = None) -> int:
 
 
 def _run(target: str, args) -> int:
+    """Run one command (see _run_command); a torchrun worker of `train` then exits at once."""
+    code = _run_command(target, args)
+    if target.endswith(":cmd_train"):
+        from .distributed import exit_if_worker
+
+        code = exit_if_worker(code)
+    return code
+
+
+def _run_command(target: str, args) -> int:
     """Run one command; user errors become a short message and exit status 2, never a traceback."""
     module, func = target.split(":")
     try:

@@ -241,6 +241,23 @@ def cleanup(ctx: DistContext | None = None) -> None:
         dist.destroy_process_group()
 
 
+def exit_if_worker(code: int) -> int:
+    """In a torchrun worker: flush and leave at once with `code`; elsewhere return `code`.
+
+    Gloo's worker threads can outlive destroy_process_group while FSDP's device mesh still holds the
+    group, and tearing them down during interpreter shutdown aborts the process now and then
+    ("terminate called without an active exception"), after a run that finished and saved. That
+    turns into a failed torchrun job. Everything a worker writes is closed by now (files are written
+    atomically, trackers closed), so skipping interpreter finalization loses nothing.
+    """
+    if env_context().world_size <= 1:
+        return code
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
 def reseed(seed: int, ctx: DistContext) -> None:
     """Per-rank dropout seed: `seed + rank` (rank 0 of one process: exactly `seed`)."""
     import torch
