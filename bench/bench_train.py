@@ -170,7 +170,8 @@ def build_fixture(spec: Spec, cache: Path, log=print) -> Path:
     rows = make_rows(targets, words, weights, 1.0, random.Random(1))
     # Tokenizer: Qwen2-style byte-level BPE (what transformers' Qwen2Tokenizer expects), trained on
     # the lexicon, the prompt template and the rows, so that most words are one token.
-    corpus = [" ".join(words)] * 3 + [TEMPLATE] * 50 + [r["instruction"] + "\n" + r["input"] + "\n" + r["output"] for r in rows["train"]]
+    corpus = [" ".join(words)] * 3 + [TEMPLATE] * 50 + [r["instruction"] + "\n" + r["input"] + "\n" + r["output"]
+                                                        for r in rows["train"]]
     tok_json = demo._train_tokenizer(spec.tokenizer_vocab, corpus)
     (model_dir / "tokenizer.json").write_text(tok_json)
     special = {str(i): {"content": t, "special": True, "normalized": False, "lstrip": False, "rstrip": False,
@@ -521,7 +522,8 @@ def bf16_matmul_rate(device: str, threads: int) -> float:
 
 def run_row(row: str, spec: Spec, root: Path, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", row, "--spec", spec.name, "--threads", str(args.threads),
-           "--cache", str(args.cache), "--steps", str(args.steps), "--earlier-steps", str(args.earlier_steps)] + [x for o in args.hafs_set for x in ("--hafs-set", o)]
+           "--cache", str(args.cache), "--steps", str(args.steps), "--earlier-steps", str(args.earlier_steps)] + [
+               x for o in args.hafs_set for x in ("--hafs-set", o)]
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error",
                PYTHONWARNINGS="ignore", HAFS_CACHE_DIR=str(args.cache / "hafs-cache"))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -539,7 +541,8 @@ def table(results: list[dict], spec: Spec, peak: float, device: str) -> str:
             lines.append(f"{r['row']:<10} ERROR: " + " | ".join(r["error"][-3:]))
             continue
         mem = r.get("max_memory_allocated_gb") if device == "cuda" else r["peak_rss_gb"]
-        lines.append(f"{r['row']:<10} {r['tokens_per_second']:>10,.0f} {r['tokens_trained'] / r['cpu_seconds']:>10,.0f} "
+        lines.append(f"{r['row']:<10} {r['tokens_per_second']:>10,.0f} "
+                     f"{r['tokens_trained'] / r['cpu_seconds']:>10,.0f} "
                      f"{r['seconds']:>8.1f} {mem:>13.2f} "
                      f"{r['val_loss']:>9.4f}  {r.get('settings', '')}")
     ok = {r["row"]: r for r in results if "error" not in r}
@@ -611,7 +614,8 @@ def main() -> None:
         t0 = time.time()
         results.append(run_row(row, spec, root, args))
         longest = max(longest, time.time() - t0)
-        print(f"  {row}: {time.time() - t0:.0f} s" + (f"  ERROR {results[-1]['error'][-1]}" if "error" in results[-1] else ""),
+        print(f"  {row}: {time.time() - t0:.0f} s"
+              + (f"  ERROR {results[-1]['error'][-1]}" if "error" in results[-1] else ""),
               flush=True)
     text = table(results, spec, peak, device)
     print(text)

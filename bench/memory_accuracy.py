@@ -203,7 +203,8 @@ def estimate(shape: str, seq: int, batch: int, args):
 def run_case(shape, seq, batch, args, model_dir) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--shape", shape, "--seq", str(seq), "--batch", str(batch),
            "--steps", str(args.steps), "--device", args.device, "--threads", str(args.threads),
-           "--loop", args.loop, "--allocator", args.allocator] + (["--checkpointing"] if args.checkpointing else []) + (["--model-dir", str(model_dir)] if model_dir else [])
+           "--loop", args.loop, "--allocator", args.allocator] + (["--checkpointing"] if args.checkpointing else []) + (
+               ["--model-dir", str(model_dir)] if model_dir else [])
     env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
@@ -246,8 +247,8 @@ def main(argv=None) -> int:
     def report(shape, seq, batch, got):
         est = estimate(shape, seq, batch, args).measurable_gb * 1024
         ratio = est / got if got else float("inf")
-        rows.append({"shape": shape, "seq": seq, "batch": batch, "estimate_mib": round(est, 1), "measured_mib": round(got, 1),
-                         "ratio": round(ratio, 3)})
+        rows.append({"shape": shape, "seq": seq, "batch": batch, "estimate_mib": round(est, 1),
+                     "measured_mib": round(got, 1), "ratio": round(ratio, 3)})
         flag = "" if 0.75 <= ratio <= 1.25 else "  <-- outside ±25%"
         print(f"{shape:<9}{seq:>6}{batch:>6}{est:>14.1f}{got:>14.1f}{ratio:>7.2f}{flag}", flush=True)
 

@@ -33,7 +33,8 @@ def fields(cls: ast.ClassDef):
 def main() -> int:
     tree = ast.parse(SCHEMA.read_text())
     classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
-    out = ["# Config reference", "", "Generated from `src/hafs/training/schema.py` by `scripts/config_reference.py`.", ""]
+    out = ["# Config reference", "",
+           "Generated from `src/hafs/training/schema.py` by `scripts/config_reference.py`.", ""]
     for name, table in TABLES:
         cls = classes[name]
         out += [f"## `{table}`", "", (ast.get_docstring(cls) or "").splitlines()[0], "",

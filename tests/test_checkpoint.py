@@ -44,7 +44,7 @@ class TinyState:
                 "loss_history": list(self.loss_history)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TinyState":
+    def from_dict(cls, d: dict) -> TinyState:
         return cls(**d)
 
 

@@ -50,7 +50,8 @@ def train(config: Path, *extra: str, evaluate: bool = False) -> subprocess.Compl
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "HAFS_TEST_SLOW_STEP_MS"):
         env.pop(key, None)
     done = subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), PRESET, "--config", str(config),
-                           *([] if evaluate else ["--no-eval"]), *extra], capture_output=True, text=True, timeout=300, env=env, cwd=REPO, check=False)
+                           *([] if evaluate else ["--no-eval"]), *extra],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=REPO, check=False)
     assert done.returncode == 0, f"train.py failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done
 
@@ -187,5 +188,6 @@ def test_a_worker_leaves_at_once_with_its_status_and_flushed_output():
     code = ("import sys; from hafs.training.distributed import exit_if_worker; print('saved', end='');"
             "sys.stderr.write('note'); exit_if_worker(7); print('not reached')")
     env = dict(os.environ, WORLD_SIZE="2", RANK="1", LOCAL_RANK="1")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60, check=False)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60,
+                          check=False)
     assert (done.returncode, done.stdout, done.stderr) == (7, "saved", "note")

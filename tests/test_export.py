@@ -17,7 +17,13 @@ import pytest
 
 from hafs.training.errors import ConfigError
 from hafs.training.export import (
-    export_model, find_converter, go_template, instruction_header, modelfile_text, ollama_create, ollama_name,
+    export_model,
+    find_converter,
+    go_template,
+    instruction_header,
+    modelfile_text,
+    ollama_create,
+    ollama_name,
 )
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -95,7 +95,7 @@ def hostile_line(draw) -> bytes:
         return bytes(line)
     escape = draw(st.sampled_from([r"\u0000", r"\ud800", r"\udfff", r"\ud83d\ude00", r"\uffff", "\\", r"\x41"]))
     field = draw(st.sampled_from(["instruction", "output", "domain", "text"]))
-    return ('{"instruction": "i", "output": "o", "%s": "a%sb"}' % (field, escape)).encode()
+    return ('{"instruction": "i", "output": "o", "' + field + '": "a' + escape + 'b"}').encode()
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

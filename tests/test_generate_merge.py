@@ -14,11 +14,12 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
+from test_evaluate import _quiet_cpu, trained_model_dir  # noqa: E402,F401  (fixture re-used)
+
 from hafs.training import generate as gen  # noqa: E402
 from hafs.training.errors import ConfigError  # noqa: E402
 from hafs.training.evaluate import generate_text  # noqa: E402
 from hafs.training.merge import merge_adapter  # noqa: E402
-from test_evaluate import _quiet_cpu, trained_model_dir  # noqa: E402,F401  (fixture re-used)
 
 ROOT = Path(__file__).resolve().parents[1]
 

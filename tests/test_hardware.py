@@ -22,9 +22,9 @@ from hafs.training.hardware import (
     gpu_supported_by_build,
 )
 from hafs.training.hardware_report import detect_report, profile_block
-from hafs.training.preflight import preflight, rank_presets
 from hafs.training.loader import load_config, load_config_text
 from hafs.training.plan import resolve
+from hafs.training.preflight import preflight, rank_presets
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "config" / "training.toml"

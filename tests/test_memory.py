@@ -187,10 +187,12 @@ def test_fit_suggestions_are_the_largest_that_fit():
     s, b = fit.max_sequence_length, fit.max_batch_size
     assert s % 64 == 0 and 0 < s < 4096 and 0 < b < 4
     assert est(sequence_length=s, batch_size=4).total_gb <= budget < est(sequence_length=s + 64, batch_size=4).total_gb
-    assert est(sequence_length=4096, batch_size=b).total_gb <= budget < est(sequence_length=4096, batch_size=b + 1).total_gb
+    assert (est(sequence_length=4096, batch_size=b).total_gb
+            <= budget < est(sequence_length=4096, batch_size=b + 1).total_gb)
     assert "gradient_checkpointing = true" in fit.hint() and f"sequence_length = {s}" in fit.hint()
     hopeless = fit_suggestions(QWEN_15B, available_memory_gb=2.0, gradient_checkpointing=False, **asked)
-    assert (hopeless.max_sequence_length, hopeless.max_batch_size, hopeless.gradient_checkpointing_fits) == (0, 0, False)
+    assert (hopeless.max_sequence_length, hopeless.max_batch_size,
+            hopeless.gradient_checkpointing_fits) == (0, 0, False)
     assert "does not fit" in hopeless.hint()
 
 

@@ -41,7 +41,7 @@ def test_safe_component_of_anything_is_one_harmless_component(text, tmp_path_fac
 @st.composite
 def templates(draw) -> str:
     parts = draw(st.lists(st.one_of(texts.map(lambda t: t.replace("{", "{{").replace("}", "}}")),
-                                    st.sampled_from(NAME_FIELDS).map(lambda f: "{%s}" % f)), max_size=5))
+                                    st.sampled_from(NAME_FIELDS).map(lambda f: "{" + f + "}")), max_size=5))
     return "".join(parts)
 
 

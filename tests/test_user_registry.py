@@ -12,7 +12,11 @@ import pytest
 
 from hafs.training.errors import ConfigError, TrainingError
 from hafs.training.user_registry import (
-    NEW_FILE_HEADER, eval_figures, register_trained_model, registered_experts, update_registry,
+    NEW_FILE_HEADER,
+    eval_figures,
+    register_trained_model,
+    registered_experts,
+    update_registry,
 )
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -294,4 +294,4 @@ def _alive(pid: str) -> bool:
 
 
 # Resuming lives in resume.py; re-exported so callers need only this module.
-from .resume import ResumePoint, compare, find_resume, load_point, restore  # noqa: F401
+from .resume import ResumePoint, compare, find_resume, load_point, restore  # noqa: E402, F401

@@ -217,8 +217,8 @@ def cmd_list(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from .plan import resolve
     from .errors import ConfigError
+    from .plan import resolve
 
     cfg = _load(args)
     failed = 0

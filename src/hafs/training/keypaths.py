@@ -19,7 +19,7 @@ def dotted(keypath) -> str:
         if _INDEX.fullmatch(part):
             out += part
         else:
-            quoted = part if _BARE.fullmatch(part) else '"%s"' % part.replace("\\", "\\\\").replace('"', '\\"')
+            quoted = part if _BARE.fullmatch(part) else '"' + part.replace("\\", "\\\\").replace('"', '\\"') + '"'
             out += ("." if out else "") + quoted
     return out
 

@@ -90,7 +90,8 @@ def build_task(plan, cloud: str, *, overrides: list[str] | tuple = (), workdir: 
         problems.append(Problem(f"{CLOUDS[cloud]} does not run multi-node tasks (profile '{key}' has "
                                 f"num_nodes = {hw.num_nodes})", key=f"hardware.{key}.num_nodes",
                                 file=plan.config_path,
-                                hint=f"use --cloud {' or '.join(MULTI_NODE_CLOUDS)}, or num_nodes = 1 with more num_gpus"))
+                                hint=f"use --cloud {' or '.join(MULTI_NODE_CLOUDS)}, "
+                                     "or num_nodes = 1 with more num_gpus"))
     if problems:
         raise ConfigError(problems, title=f"Preset '{plan.preset}' cannot be launched on {CLOUDS[cloud]}:")
     config_path = Path(plan.config_path)

@@ -83,7 +83,8 @@ def _plan_kwargs(plan, settings=None, caps=None) -> dict:
         run["gradient_checkpointing"] = run["gradient_checkpointing"] or bool(plan.gradient_checkpointing)
     else:
         device = plan.device if plan.device != "auto" else (caps.best_device() if caps is not None else "cpu")
-        run = {"device_kind": device, "precision": plan.precision, "gradient_checkpointing": bool(plan.gradient_checkpointing)}
+        run = {"device_kind": device, "precision": plan.precision,
+               "gradient_checkpointing": bool(plan.gradient_checkpointing)}
     shards = plan.world_size() if plan.hardware.distributed == "fsdp" else 1
     return dict(sequence_length=plan.sequence_length, batch_size=plan.batch_size, lora_r=plan.lora.r,
                 lora_targets=list(plan.lora.target_modules), lora_dropout=plan.lora.lora_dropout,

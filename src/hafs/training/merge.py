@@ -55,8 +55,8 @@ def merge_adapter(model_dir: Path, out_dir: Path, *, dtype: str | None = None, l
     """Write base + adapter of `model_dir` as one full model to `out_dir` (which must not exist)."""
     import torch
 
-    from .outputs import disk_error
     from .generate import load_trained_model
+    from .outputs import disk_error
 
     model_dir, out_dir = Path(model_dir), Path(out_dir).expanduser()
     if out_dir.exists() or out_dir.is_symlink():

@@ -59,7 +59,8 @@ def load_model_config(base_model: str, trust_remote_code: bool = False) -> dict:
             f"cannot read config.json of '{base_model}' for the memory estimate ({type(exc).__name__}"
             + (f": {first})" if first else ")"), key="expert.base_model",
             hint="connect once so the hub cache has it, point base_model at a local model directory, set "
-                 "HAFS_MODEL_CONFIGS to a folder holding its config.json, or pass --force to skip the check")]) from None
+                 "HAFS_MODEL_CONFIGS to a folder holding its config.json, "
+                 "or pass --force to skip the check")]) from None
     return _read_json(Path(local))
 
 

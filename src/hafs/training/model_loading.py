@@ -54,7 +54,8 @@ def load_model_and_tokenizer(plan, device: str, precision: str, settings: RunSet
         if "trust_remote_code" in str(exc):
             raise ConfigError([Problem(f"'{plan.expert.base_model}' needs code from its repository",
                                        key=f"experts.{plan.expert_name}.trust_remote_code",
-                                       hint="set trust_remote_code = true only if you trust that repository")]) from None
+                                       hint="set trust_remote_code = true only if you trust "
+                                            "that repository")]) from None
         raise
     note = ensure_pad_token(tokenizer, model)
     if note:

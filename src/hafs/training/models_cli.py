@@ -12,8 +12,17 @@ import os
 from pathlib import Path
 
 from .errors import ConfigError, Problem
-from .registry import (OK, ModelEntry, compare_models, find_model, human_size, matches, remove_model, scan_models,
-                       show_data)
+from .registry import (
+    OK,
+    ModelEntry,
+    compare_models,
+    find_model,
+    human_size,
+    matches,
+    remove_model,
+    scan_models,
+    show_data,
+)
 
 
 def models_dir_from_config(config_path: str | None) -> tuple[Path, str]:

@@ -97,7 +97,8 @@ def atomic_write_json(path: Path, obj) -> None:
 def disk_error(exc: OSError, path: Path) -> TrainingError:
     """A user-facing error for a failed write (disk full, read-only, permissions)."""
     why = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
-           errno.EACCES: "permission denied", errno.EDQUOT: "disk quota exceeded"}.get(exc.errno, exc.strerror or str(exc))
+           errno.EACCES: "permission denied",
+           errno.EDQUOT: "disk quota exceeded"}.get(exc.errno, exc.strerror or str(exc))
     return TrainingError([Problem(f"cannot write {path}: {why}", file=str(path),
                                   hint="free space or point [output] at a writable folder; "
                                        "existing checkpoints and models were left intact")])

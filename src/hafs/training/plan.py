@@ -8,9 +8,9 @@ code never reads raw TOML or re-derives a setting.
 from __future__ import annotations
 
 import copy
-import os
 import dataclasses
 import math
+import os
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -19,8 +19,17 @@ from pathlib import Path
 from .errors import ConfigError, Problem, did_you_mean
 from .loader import REFERENCES, _dotted, build_section, coerce, coerce_at
 from .schema import (
-    DEVICES, PRECISIONS, DatasetSection, ExpertSection, HardwareProfile, HyperparameterSection, LoraSection,
-    OutputSection, PresetSection, TrainingFile, _one_of,
+    DEVICES,
+    PRECISIONS,
+    DatasetSection,
+    ExpertSection,
+    HardwareProfile,
+    HyperparameterSection,
+    LoraSection,
+    OutputSection,
+    PresetSection,
+    TrainingFile,
+    _one_of,
 )
 
 
@@ -131,7 +140,7 @@ class TrainingConfig:
         tail = self.expert.base_model.rstrip("/").replace("\\", "/").split("/")[-1]
         return "".join(c for c in tail.lower() if c.isalnum() or c == "-").strip("-") or "model"
 
-    def validate(self) -> "TrainingConfig":
+    def validate(self) -> TrainingConfig:
         """Re-check types, ranges and hardware rules (after edits); raises ConfigError with all problems.
 
         Also normalises what it checked: whole-number floats become ints, ints become floats where
@@ -149,7 +158,7 @@ class TrainingConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "TrainingConfig":
+    def from_dict(cls, data: dict) -> TrainingConfig:
         """Inverse of to_dict (used when resuming); keys this version does not know are ignored.
 
         Types and ranges are checked (ConfigError); hardware rules are not: call validate() for those.

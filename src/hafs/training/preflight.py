@@ -66,7 +66,8 @@ def _device_check(hw, caps: Capabilities) -> tuple[str, list[tuple[str, str]], l
         return "cuda", [], notes
     if want == "mps":
         if caps.os != "Darwin":
-            return "mps", [(f"MPS needs macOS on Apple silicon; this machine runs {caps.os or 'another OS'}", "")], notes
+            return "mps", [(f"MPS needs macOS on Apple silicon; this machine runs {caps.os or 'another OS'}",
+                            "")], notes
         if not caps.mps.available:
             why = "MPS is not available" + (" (this torch build lacks it)" if not caps.mps.built else
                                             f" (macOS {caps.mps.macos_version}; MPS needs 12.3+ on Apple silicon)")

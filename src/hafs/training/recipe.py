@@ -8,9 +8,9 @@ before a model is downloaded or loaded.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from .plan import TrainingConfig
 
@@ -36,8 +36,20 @@ class RunOptions:
 
 
 def run(plan: TrainingConfig, opts: RunOptions, log=print) -> Path:
-    from . import checkpoint, data, distributed, engine, faults, hardware, memory_check, model_loading, outputs
-    from . import preflight, progress, tokenize
+    from . import (
+        checkpoint,
+        data,
+        distributed,
+        engine,
+        faults,
+        hardware,
+        memory_check,
+        model_loading,
+        outputs,
+        preflight,
+        progress,
+        tokenize,
+    )
 
     # 1. Fail fast: machine, data and memory are checked before any model is loaded.
     caps = hardware.detect()

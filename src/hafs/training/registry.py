@@ -74,7 +74,7 @@ class ModelEntry:
 def folder_size(path: Path) -> int:
     """Bytes of the regular files under `path` (links not followed; unreadable entries skipped)."""
     total = 0
-    for root, dirs, files in os.walk(path, onerror=lambda e: None):
+    for root, _dirs, files in os.walk(path, onerror=lambda e: None):
         for name in files:
             try:
                 st = os.lstat(os.path.join(root, name))

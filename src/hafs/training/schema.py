@@ -66,7 +66,7 @@ def template_problems(key: str, template: str, allowed, *, output_last: bool = F
     from .errors import did_you_mean
 
     out: Checks = []
-    shown = ", ".join("{%s}" % f for f in allowed)
+    shown = ", ".join("{" + f + "}" for f in allowed)
     names = [(name, spec, conv) for _, name, spec, conv in parts if name is not None]
     for name, spec, conv in names:
         if name not in allowed:

@@ -27,8 +27,19 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import datacache
-from .data import (BAD_ROWS_SHOWN, RawSplit, SplitStats, SPLITS, file_sha256, has_chat_template, prompt_template,
-                   read_split, render, split_path, system_prompt)
+from .data import (
+    BAD_ROWS_SHOWN,
+    SPLITS,
+    RawSplit,
+    SplitStats,
+    file_sha256,
+    has_chat_template,
+    prompt_template,
+    read_split,
+    render,
+    split_path,
+    system_prompt,
+)
 from .errors import ConfigError, DatasetError, Problem
 
 MIN_RESPONSE_TOKENS = 16

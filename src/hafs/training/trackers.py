@@ -223,7 +223,7 @@ class Tracker:
                           f"it is disabled for the rest of this run")
                 self.backends.remove(backend)
 
-    def __enter__(self) -> "Tracker":
+    def __enter__(self) -> Tracker:
         return self
 
     def __exit__(self, etype, value, tb) -> None:
