@@ -20,7 +20,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from hafs.training import checkpoint  # noqa: E402
+from hafs.training import checkpoint, resume  # noqa: E402
 from hafs.training.errors import ResumeError, TrainingError  # noqa: E402
 from hafs.training.loader import load_config  # noqa: E402
 from hafs.training.outputs import run_id  # noqa: E402
@@ -150,8 +150,8 @@ def test_resume_in_a_fresh_model_ends_identical(tmp_path, plan, k, uninterrupted
     scramble_rng()  # a new process: every generator somewhere else
 
     model, opt, sched = build(init_seed=99)  # other LoRA init: restore must overwrite it
-    point = checkpoint.load_point(path)
-    resumed = checkpoint.restore(point, model=model, optimizer=opt, scheduler=sched, state_cls=TinyState)
+    point = resume.load_point(path)
+    resumed = resume.restore(point, model=model, optimizer=opt, scheduler=sched, state_cls=TinyState)
     assert (resumed.step, resumed.epoch, resumed.micro_batch) == (state.step, state.epoch, state.micro_batch)
     resumed = train(model, opt, sched, resumed, TOTAL_STEPS)
 
@@ -169,7 +169,7 @@ def test_resume_without_rng_state_would_diverge(tmp_path, plan, monkeypatch, uni
     monkeypatch.setattr(checkpoint, "set_rng_state", lambda saved: None)
     monkeypatch.setattr("hafs.training.resume.set_rng_state", lambda saved: None)
     model, opt, sched = build()
-    state = checkpoint.restore(checkpoint.load_point(path), model=model, optimizer=opt, scheduler=sched,
+    state = resume.restore(resume.load_point(path), model=model, optimizer=opt, scheduler=sched,
                                state_cls=TinyState)
     train(model, opt, sched, state, TOTAL_STEPS)
     assert max_diff(adapter(model), expected) > 1e-4
@@ -184,7 +184,7 @@ def test_round_trip_restores_weights_optimizer_scheduler_and_every_rng(tmp_path,
 
     train(model, opt, sched, state, 5)  # move everything on
     scramble_rng()
-    checkpoint.restore(checkpoint.load_point(path), model=model, optimizer=opt, scheduler=sched,
+    resume.restore(resume.load_point(path), model=model, optimizer=opt, scheduler=sched,
                        state_cls=TinyState)
     assert max_diff(adapter(model), weights) == 0
     assert (random.random(), float(np.random.rand()), torch.rand(3).tolist()) == draws
@@ -236,9 +236,9 @@ def test_restore_returns_the_engines_train_state(tmp_path, plan):
     model, opt, sched = build()
     state = engine.TrainState(step=3, total_steps=9, epoch=1, micro_batch=2, tokens=40, lr=1e-3,
                               loss_history=[[1, 2.5], [2, 2.25], [3, 2.0]], elapsed_seconds=12.5)
-    point = checkpoint.load_point(save(tmp_path / "run", model, opt, sched, state, plan))
+    point = resume.load_point(save(tmp_path / "run", model, opt, sched, state, plan))
     assert point.elapsed == 12.5 and point.step == 3
-    restored = checkpoint.restore(point, model=model, optimizer=opt, scheduler=sched)
+    restored = resume.restore(point, model=model, optimizer=opt, scheduler=sched)
     assert isinstance(restored, engine.TrainState) and restored == state
 
 
@@ -254,7 +254,7 @@ def test_pickled_code_in_a_checkpoint_is_refused(tmp_path, plan, monkeypatch):
     _refresh_manifest(path)  # a crafted checkpoint: checksums match, contents hostile
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ResumeError, match="cannot load optimizer.pt"):
-        checkpoint.restore(checkpoint.load_point(path), model=model, optimizer=opt, scheduler=sched,
+        resume.restore(resume.load_point(path), model=model, optimizer=opt, scheduler=sched,
                            state_cls=TinyState)
     assert not (tmp_path / "PWNED").exists()
 
@@ -280,7 +280,7 @@ def test_restore_into_another_lora_shape_is_a_resume_error(tmp_path, plan):
                                                         num_key_value_heads=1)),
                            LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
     with pytest.raises(ResumeError, match="shape"):
-        checkpoint.restore(checkpoint.load_point(path), model=other, optimizer=opt, scheduler=sched,
+        resume.restore(resume.load_point(path), model=other, optimizer=opt, scheduler=sched,
                            state_cls=TinyState)
 
 
@@ -331,8 +331,8 @@ def test_rotation_keeps_save_total_limit_and_cleans_stale_temp_dirs(tmp_path, pl
 def test_saving_after_resuming_past_a_broken_later_checkpoint_replaces_it(three_checkpoints, plan):
     (three_checkpoints / "checkpoint-3" / "state.json").write_text("garbage")
     model, opt, sched = build()
-    point = checkpoint.load_point(checkpoint.latest_checkpoint(three_checkpoints, log=lambda m: None))
-    state = checkpoint.restore(point, model=model, optimizer=opt, scheduler=sched, state_cls=TinyState)
+    point = resume.load_point(checkpoint.latest_checkpoint(three_checkpoints, log=lambda m: None))
+    state = resume.restore(point, model=model, optimizer=opt, scheduler=sched, state_cls=TinyState)
     train(model, opt, sched, state, 3, on_save=lambda st: save(three_checkpoints, model, opt, sched, st, plan))
     assert checkpoint.verify(three_checkpoints / "checkpoint-3") == ""
     assert checkpoint.latest_checkpoint(three_checkpoints) == three_checkpoints / "checkpoint-3"
@@ -389,10 +389,10 @@ def test_auto_picks_the_newest_run_of_the_same_preset(plan, shipped):
     other = resolve(shipped, "oracle-rauru-mac", {"output.checkpoints_dir": plan.output.checkpoints_dir})
     _run_with_checkpoint(other, model, opt, sched, 9, when=3)
     log = []
-    point = checkpoint.find_resume(plan, "auto", force=False, log=log.append, dataset_fingerprint="f" * 64)
+    point = resume.find_resume(plan, "auto", force=False, log=log.append, dataset_fingerprint="f" * 64)
     assert point.path == new and point.run_dir == new.parent and point.step == 2
     shutil.rmtree(new.parent)  # newest run gone: the older one is next
-    assert checkpoint.find_resume(plan, "auto", log=log.append).path == old
+    assert resume.find_resume(plan, "auto", log=log.append).path == old
 
 
 def test_auto_skips_a_run_whose_only_checkpoint_is_broken(plan):
@@ -401,13 +401,13 @@ def test_auto_skips_a_run_whose_only_checkpoint_is_broken(plan):
     new = _run_with_checkpoint(plan, model, opt, sched, 2, when=2)
     (new / "adapter.safetensors").write_bytes(b"x")
     log = []
-    assert checkpoint.find_resume(plan, "auto", log=log.append).path == old
+    assert resume.find_resume(plan, "auto", log=log.append).path == old
     assert any("checkpoint-2" in m and "warning" in m for m in log)
 
 
 def test_auto_with_nothing_to_resume_starts_fresh_with_a_notice(plan):
     log = []
-    assert checkpoint.find_resume(plan, "auto", log=log.append) is None
+    assert resume.find_resume(plan, "auto", log=log.append) is None
     assert "starting from scratch" in log[0] and "demo" in log[0]
 
 
@@ -415,16 +415,16 @@ def test_explicit_paths(plan, tmp_path):
     model, opt, sched = build()
     first = _run_with_checkpoint(plan, model, opt, sched, 2, when=1)
     second = save(first.parent, model, opt, sched, TinyState(step=4), plan)
-    assert checkpoint.find_resume(plan, str(first.parent), log=lambda m: None).path == second
+    assert resume.find_resume(plan, str(first.parent), log=lambda m: None).path == second
     log = []
-    point = checkpoint.find_resume(plan, str(first), log=log.append)  # going back: a new run folder
+    point = resume.find_resume(plan, str(first), log=log.append)  # going back: a new run folder
     assert point.path == first and point.run_dir != first.parent and "not the newest" in log[0]
     (second / "rng.pt").write_bytes(b"")
     with pytest.raises(ResumeError, match="not usable") as info:
-        checkpoint.find_resume(plan, str(second), log=lambda m: None)
+        resume.find_resume(plan, str(second), log=lambda m: None)
     assert "checkpoint-2" in info.value.render()
     with pytest.raises(ResumeError, match="no such checkpoint"):
-        checkpoint.find_resume(plan, str(tmp_path / "nope"))
+        resume.find_resume(plan, str(tmp_path / "nope"))
 
 
 def test_a_changed_config_is_refused_with_each_difference_unless_forced(plan, shipped):
@@ -433,13 +433,13 @@ def test_a_changed_config_is_refused_with_each_difference_unless_forced(plan, sh
     changed = resolve(shipped, "demo", {"output.checkpoints_dir": plan.output.checkpoints_dir,
                                         "lora.r": 16, "sequence_length": 256, "learning_rate": 1e-4})
     with pytest.raises(ResumeError) as info:
-        checkpoint.find_resume(changed, "auto", force=False, log=lambda m: None, dataset_fingerprint="e" * 64)
+        resume.find_resume(changed, "auto", force=False, log=lambda m: None, dataset_fingerprint="e" * 64)
     text = info.value.render()
     assert "lora.r: 8 → 16" in text and "sequence_length: 512 → 256" in text
     assert "train split sha256: \"ffffffffffff\" → \"eeeeeeeeeeee\"" in text and "--force" in text
     assert "learning_rate" not in text  # allowed to change: only noted
     log = []
-    point = checkpoint.find_resume(changed, "auto", force=True, log=log.append, dataset_fingerprint="e" * 64)
+    point = resume.find_resume(changed, "auto", force=True, log=log.append, dataset_fingerprint="e" * 64)
     assert len(point.differences) == 3 and point.to_metadata()["forced"] is True
     assert any("learning_rate: 0.001 → 0.0001" in m for m in log)
 
@@ -448,7 +448,7 @@ def test_an_unchanged_config_resumes_without_notes(plan):
     model, opt, sched = build()
     _run_with_checkpoint(plan, model, opt, sched, 2, when=1)
     log = []
-    point = checkpoint.find_resume(plan, "auto", log=log.append, dataset_fingerprint="f" * 64)
+    point = resume.find_resume(plan, "auto", log=log.append, dataset_fingerprint="f" * 64)
     assert point.differences == [] and log == []
     assert point.to_metadata() == {"from_checkpoint": str(point.path), "from_step": 2, "forced": False,
                                    "differences": []}

@@ -88,3 +88,22 @@ def test_hafs_console_script_shares_the_implementation():
     assert main(["list", "presets", "--json"]) == 0
     assert main(["validate"]) == 0
     assert main(["show", "no-such-preset"]) == 2
+
+
+def test_every_module_imports_on_its_own():
+    # A module imported first (as a user or a lazy import may) must not hit an import cycle.
+    import pkgutil
+    import subprocess
+    import sys
+
+    import hafs.training
+
+    names = [m.name for m in pkgutil.iter_modules(hafs.training.__path__, "hafs.training.")]
+    code = ("import importlib, sys\nfailed = []\nfor name in sys.argv[1:]:\n"
+            "    for key in [k for k in sys.modules if k.startswith('hafs')]:\n        del sys.modules[key]\n"
+            "    try:\n        importlib.import_module(name)\n"
+            "    except Exception as exc:\n        failed.append(f'{name}: {type(exc).__name__}: {exc}')\n"
+            "print('\\n'.join(failed))")
+    done = subprocess.run([sys.executable, "-c", code, *names], capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert len(names) > 30 and done.returncode == 0 and done.stdout.strip() == "", done.stdout + done.stderr

@@ -291,7 +291,3 @@ def _alive(pid: str) -> bool:
     except OSError:
         return True
     return True
-
-
-# Resuming lives in resume.py; re-exported so callers need only this module.
-from .resume import ResumePoint, compare, find_resume, load_point, restore  # noqa: E402, F401

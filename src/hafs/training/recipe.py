@@ -48,6 +48,7 @@ def run(plan: TrainingConfig, opts: RunOptions, log=print) -> Path:
         outputs,
         preflight,
         progress,
+        resume,
         tokenize,
     )
 
@@ -68,8 +69,8 @@ def run(plan: TrainingConfig, opts: RunOptions, log=print) -> Path:
     estimate = memory_check.check_plan(plan, settings, force=opts.force, log=log, caps=caps)
 
     # 2. Where this run lives: a fresh run directory, or the one we resume.
-    point = checkpoint.find_resume(plan, opts.resume, force=opts.force, log=log,
-                                   dataset_fingerprint=fingerprint) if opts.resume else None
+    point = resume.find_resume(plan, opts.resume, force=opts.force, log=log,
+                               dataset_fingerprint=fingerprint) if opts.resume else None
     run_dir = point.run_dir if point else Path(plan.output.checkpoints_dir) / outputs.run_id(plan)
 
     # 3. Model, tokenizer, tokenized data, adapter.
@@ -92,7 +93,7 @@ def run(plan: TrainingConfig, opts: RunOptions, log=print) -> Path:
     scheduler = engine.build_scheduler(optimizer, plan, total_steps)
     state = engine.TrainState(total_steps=total_steps)
     if point:
-        state = checkpoint.restore(point, model=model, optimizer=optimizer, scheduler=scheduler)
+        state = resume.restore(point, model=model, optimizer=optimizer, scheduler=scheduler)
         state.total_steps = total_steps  # a resume may raise max_steps
         distributed.reseed_after_resume(ctx)
         log(f"Resumed from {point.path} at step {state.step}")
