@@ -181,13 +181,14 @@ def test_single_process_context_is_a_no_op():
     assert (ctx2.rank, ctx2.local_rank, ctx2.world_size, ctx2.is_main) == (3, 1, 4, False)
 
 
-def test_a_worker_leaves_at_once_with_its_status_and_flushed_output():
+def test_a_worker_leaves_at_once_with_its_status_flushed_output_and_atexit_handlers_run():
     from hafs.training.distributed import exit_if_worker
 
     assert exit_if_worker(3) == 3  # not under torchrun: an ordinary return
-    code = ("import sys; from hafs.training.distributed import exit_if_worker; print('saved', end='');"
+    code = ("import atexit, sys; from hafs.training.distributed import exit_if_worker; print('saved', end='');"
+            "atexit.register(lambda: print(' closed', end='')); "
             "sys.stderr.write('note'); exit_if_worker(7); print('not reached')")
     env = dict(os.environ, WORLD_SIZE="2", RANK="1", LOCAL_RANK="1")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60,
                           check=False)
-    assert (done.returncode, done.stdout, done.stderr) == (7, "saved", "note")
+    assert (done.returncode, done.stdout, done.stderr) == (7, "saved closed", "note")

@@ -322,3 +322,13 @@ def test_fsdp_shards_the_layers_not_the_embeddings(cfg):
     assert f"~{fsdp_gb:.1f} GiB each" in verdict.problems[0].hint
     plan.hardware.distributed = "fsdp"
     assert check_memory(plan, QWEN_15B).fits
+
+
+def test_under_torchrun_the_workers_it_started_decide_the_shards(cfg, monkeypatch):
+    plan = resolve(cfg, "oracle-rauru-cloud-x4", check_hardware=False)
+    plan.hardware.distributed = "fsdp"
+    assert estimate_for_plan(plan, QWEN_15B).settings["weight_shards"] == 4  # num_gpus from the profile
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun --nproc_per_node=2 wins
+    assert estimate_for_plan(plan, QWEN_15B).settings["weight_shards"] == 2
+    plan.hardware.distributed = "ddp"
+    assert estimate_for_plan(plan, QWEN_15B).settings["weight_shards"] == 1

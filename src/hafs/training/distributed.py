@@ -66,6 +66,8 @@ class DistContext:
     """Device this worker trains on (cuda:LOCAL_RANK under nccl)."""
     fsdp: bool = False
     """The frozen base is sharded over the workers (shard_frozen_base): every rank runs every forward."""
+    mesh: object = None
+    """fsdp: the 1-D device mesh over all workers, made by every worker together in init()."""
 
     @property
     def is_main(self) -> bool:
@@ -154,6 +156,28 @@ class DistContext:
             if self.is_main:
                 self.barrier()
 
+    @contextlib.contextmanager
+    def loading_turn(self):
+        """The block that loads the model: rank 0 first (it fills the caches), then the others.
+
+        Under fsdp the workers of a node take turns one by one (local rank order): each holds a whole
+        CPU copy of the base model only until shard_frozen_base has moved its share to the device, so
+        a node needs one model's worth of RAM, not one per worker. Every worker passes the same
+        number of barriers (LOCAL_WORLD_SIZE), before and after its turn.
+        """
+        if not self.fsdp:
+            with self.main_first():
+                yield
+            return
+        turns = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
+        for _ in range(self.local_rank):
+            self.barrier()
+        try:
+            yield
+        finally:
+            for _ in range(turns - self.local_rank):
+                self.barrier()
+
     def _comm_device(self) -> str:
         return self.device if self.backend == "nccl" else "cpu"
 
@@ -197,6 +221,10 @@ def init(device: str = "cpu", plan=None) -> DistContext:
     if not dist.is_initialized():
         dist.init_process_group(ctx.backend, rank=ctx.rank, world_size=ctx.world_size,
                                 timeout=dt.timedelta(minutes=TIMEOUT_MINUTES))
+    if ctx.fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        ctx.mesh = init_device_mesh(kind if kind == "cuda" else "cpu", (ctx.world_size,))
     return ctx
 
 
@@ -213,18 +241,22 @@ def shard_frozen_base(model, ctx: DistContext):
     """
     if not (ctx.enabled and ctx.fsdp):
         return model
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    layers = getattr(base.get_decoder(), "layers", None)
+    decoder = base.get_decoder()
+    layers = getattr(decoder, "layers", None)
     if layers is None:
         raise ConfigError([Problem(f"fsdp: {type(base).__name__} has no decoder layers to shard",
                                    key="hardware.distributed", hint='use distributed = "ddp"')])
-    mesh = init_device_mesh(ctx.device.split(":")[0], (ctx.world_size,))
     for layer in layers:
-        fully_shard(layer, mesh=mesh, reshard_after_forward=True,
+        fully_shard(layer, mesh=ctx.mesh, reshard_after_forward=True,
                     ignored_params={p for p in layer.parameters() if p.requires_grad})
+    # The decoder as the root over the layers (it shards nothing itself: embeddings and final norm
+    # stay whole, as the fused loss reads the tied head outside any forward): one root lets FSDP
+    # prefetch the next layer's all-gather while the current one computes.
+    outside = {p for layer in layers for p in layer.parameters()}
+    fully_shard(decoder, mesh=ctx.mesh, ignored_params={p for p in decoder.parameters() if p not in outside})
     # transformers' generate() turns on synced_gpus for FSDP-managed models: ranks that finish early
     # keep stepping, so no rank waits forever on another's all-gather.
     base._is_fsdp_managed_module = True
@@ -247,11 +279,15 @@ def exit_if_worker(code: int) -> int:
     Gloo's worker threads can outlive destroy_process_group while FSDP's device mesh still holds the
     group, and tearing them down during interpreter shutdown aborts the process now and then
     ("terminate called without an active exception"), after a run that finished and saved. That
-    turns into a failed torchrun job. Everything a worker writes is closed by now (files are written
-    atomically, trackers closed), so skipping interpreter finalization loses nothing.
+    turns into a failed torchrun job. The atexit handlers still run (trackers' own shutdown hooks);
+    only the C++ teardown after them is skipped, and every file a worker writes is closed by then.
     """
     if env_context().world_size <= 1:
         return code
+    import atexit
+
+    with contextlib.suppress(Exception):
+        atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()

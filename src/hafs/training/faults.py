@@ -204,7 +204,8 @@ def _fit(plan, estimate) -> str:
             sequence_length=plan.sequence_length, batch_size=plan.batch_size,
             gradient_checkpointing=bool(s.get("gradient_checkpointing")), lora_r=plan.lora.r,
             lora_targets=plan.lora.target_modules, precision=s.get("precision", plan.precision),
-            packing=plan.packing, attn_impl=s.get("attn_impl", "sdpa"), device_kind=s.get("device_kind", "cpu"))
+            packing=plan.packing, attn_impl=s.get("attn_impl", "sdpa"), device_kind=s.get("device_kind", "cpu"),
+            weight_shards=s.get("weight_shards", 1))
     except Exception:  # noqa: BLE001 - a better hint is optional; the OOM message must still come out
         return ""
     if fit.gradient_checkpointing_fits and plan.hardware.supports_gradient_checkpointing:

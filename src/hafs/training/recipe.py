@@ -73,13 +73,13 @@ def run(plan: TrainingConfig, opts: RunOptions, log=print) -> Path:
                                dataset_fingerprint=fingerprint) if opts.resume else None
     run_dir = point.run_dir if point else Path(plan.output.checkpoints_dir) / outputs.run_id(plan)
 
-    # 3. Model, tokenizer, tokenized data, adapter.
-    with ctx.main_first():  # rank 0 fills the model and token caches; the others then read them
+    # 3. Model, tokenizer, tokenized data, adapter (rank 0 first: it fills the model and token caches).
+    with ctx.loading_turn():
         model, tokenizer = model_loading.load_model_and_tokenizer(plan, distributed.load_device(ctx),
                                                                  settings.precision, settings, log=log)
         prepared = tokenize.prepare_data(plan, tokenizer, log=log)
-    model = model_loading.apply_lora(model, plan, settings)
-    model = distributed.shard_frozen_base(model, ctx)  # fsdp only: each worker keeps 1/world of the layers
+        model = model_loading.apply_lora(model, plan, settings)
+        model = distributed.shard_frozen_base(model, ctx)  # fsdp only: each worker keeps 1/world of the layers
     ctx.broadcast_params([p for p in model.parameters() if p.requires_grad])
     batches = engine.BatchSource(prepared.train, plan, tokenizer, settings)
     total_steps = plan.total_steps(-(-batches.micro_batches_per_epoch() // ctx.world_size))
@@ -132,33 +132,39 @@ def run(plan: TrainingConfig, opts: RunOptions, log=print) -> Path:
             trackers.close(failed=True)
             raise faults.interrupted(plan, state, path, guard.signal, overrides=opts.overrides)
 
-    after = evaluator.run(model, "after") if evaluates else None
-    if not ctx.is_main:  # rank 0 alone writes the model directory; the others learn its path
-        final = Path(ctx.broadcast_object(None))
-        distributed.cleanup(ctx)
-        return final
-
-    # 6. Save: stage everything, write metadata.json last, rename into place (never overwrite).
+    # 6. Save: stage everything, write metadata.json last, rename into place (never overwrite). The
+    #    adapter is staged before the final evaluation, so a failing evaluation cannot lose it.
     name = outputs.model_dir_name(plan)
-    staged = outputs.staging_dir(Path(plan.output.models_dir), name)
-    model_loading.save_adapter(model, tokenizer, staged)
-    evaluation = evaluator.write(staged, before, after) if opts.evaluate else None
-    _plot(state, staged, plan, log)
-    meta = outputs.build_metadata(
-        plan, num_samples=len(prepared.train), duration_seconds=state.elapsed_seconds,
-        hardware_info=caps.summary(settings), extra={
-            "training": {"tokens_trained": state.tokens, "optimizer_steps": state.step, "world_size": ctx.world_size,
-                         "final_loss": state.last_loss(), "best_eval_loss": state.best_eval(),
-                         "precision": settings.precision, "resumed_from": str(point.path) if point else None},
-            "resume": point.to_metadata() if point else None,
-            "run_settings": settings.to_dict(),
-            "dataset_stats": prepared.stats() if plan.output.metadata.include_dataset_stats else None,
-            "losses": {"train": state.loss_history, "eval": state.eval_history},
-            "evaluation": evaluation, "memory_estimate_gb": round(estimate.total_gb, 3) if estimate else None,
-            "versions": progress.library_versions(), "run_dir": str(run_dir),
-        })
-    outputs.atomic_write_json(staged / "metadata.json", meta)
-    final = outputs.finalize_dir(staged, Path(plan.output.models_dir), name)
+    staged = outputs.staging_dir(Path(plan.output.models_dir), name) if ctx.is_main else None
+    try:
+        if ctx.is_main:
+            model_loading.save_adapter(model, tokenizer, staged)
+        after = evaluator.run(model, "after") if evaluates else None
+        if not ctx.is_main:  # rank 0 alone writes the model directory; the others learn its path
+            final = Path(ctx.broadcast_object(None))
+            distributed.cleanup(ctx)
+            return final
+        evaluation = evaluator.write(staged, before, after) if opts.evaluate else None
+        _plot(state, staged, plan, log)
+        meta = outputs.build_metadata(
+            plan, num_samples=len(prepared.train), duration_seconds=state.elapsed_seconds,
+            hardware_info=caps.summary(settings), extra={
+                "training": {"tokens_trained": state.tokens, "optimizer_steps": state.step,
+                             "world_size": ctx.world_size, "final_loss": state.last_loss(),
+                             "best_eval_loss": state.best_eval(), "precision": settings.precision,
+                             "resumed_from": str(point.path) if point else None},
+                "resume": point.to_metadata() if point else None,
+                "run_settings": settings.to_dict(),
+                "dataset_stats": prepared.stats() if plan.output.metadata.include_dataset_stats else None,
+                "losses": {"train": state.loss_history, "eval": state.eval_history},
+                "evaluation": evaluation, "memory_estimate_gb": round(estimate.total_gb, 3) if estimate else None,
+                "versions": progress.library_versions(), "run_dir": str(run_dir),
+            })
+        outputs.atomic_write_json(staged / "metadata.json", meta)
+        final = outputs.finalize_dir(staged, Path(plan.output.models_dir), name)
+    except BaseException:
+        trackers.close(failed=True)  # the run shows as failed in W&B / MLflow, not as still running
+        raise
     trackers.summary(meta)
     trackers.close()
 
