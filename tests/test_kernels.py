@@ -99,16 +99,47 @@ def test_keep_mask_probability_and_determinism():
     assert bool(kernels.keep_mask(x, 0.0).all())
 
 
-def test_short_cpu_attention_in_fp32_matches_the_bf16_kernel():
+@pytest.mark.parametrize("width", [1, 7, 128, 129, 300])
+@pytest.mark.parametrize("kv_heads", [2, 4])
+def test_block_causal_attention_equals_causal_sdpa_in_values_and_gradients(width, kv_heads):
+    # float64: the blocks, the stacked query groups and the softmax backward are exact, not just close
+    g = torch.Generator().manual_seed(width)
+    q = torch.randn(2, 4, width, 16, generator=g, dtype=torch.float64).transpose(1, 2).contiguous().transpose(1, 2)
+    k = torch.randn(2, kv_heads, width, 16, generator=g, dtype=torch.float64)
+    v = torch.randn(2, kv_heads, width, 16, generator=g, dtype=torch.float64)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))  # q non-contiguous, as transformers passes it
+    ours = kernels.block_causal_attention(q, k, v, 0.3)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3,
+                                                           enable_gqa=kv_heads != 4)
+    grad = torch.randn(ours.shape, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(ours, ref, atol=1e-10, rtol=1e-10)
+    for a, b in zip(torch.autograd.grad(ours, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def test_cpu_bf16_attention_takes_the_block_kernel_within_its_budget_and_keeps_what_it_counts():
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(2, 4, 20, 16, generator=g).bfloat16()
-    k = torch.randn(2, 2, 20, 16, generator=g).bfloat16()
-    v = torch.randn(2, 2, 20, 16, generator=g).bfloat16()
-    ours = kernels._causal(q, k, v, None, True)
+    q = torch.randn(2, 4, 200, 16, generator=g).bfloat16().requires_grad_()
+    k = torch.randn(2, 2, 200, 16, generator=g).bfloat16().requires_grad_()
+    v = torch.randn(2, 2, 200, 16, generator=g).bfloat16().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        ours = kernels._causal(q, k, v, None, True)
     ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True,
                                                            enable_gqa=True)
     assert ours.dtype == torch.bfloat16
     torch.testing.assert_close(ours.float(), ref, atol=1e-2, rtol=1e-2)
+    probabilities = [t for t in saved if t.dim() == 4 and t.shape[-1] != 16]
+    assert sum(t.numel() for t in probabilities) == 2 * 4 * kernels.saved_probabilities(200)
+    assert kernels.saved_probabilities(200) == 128 * 128 + 72 * 200 and kernels.saved_probabilities(5) == 25
+    # over the budget: torch's flash kernel, which keeps no probabilities
+    long = 4096
+    assert 2 * 4 * kernels.saved_probabilities(long) * 2 > kernels.CPU_BLOCK_ATTENTION_BYTES
+    q, k, v = (torch.randn(2, h, long, 16).bfloat16().requires_grad_() for h in (4, 2, 2))
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        kernels._causal(q, k, v, None, True)
+    assert not [t for t in saved if t.dim() == 4 and t.shape[-1] == long]
 
 
 def test_row_segments_split_at_position_restarts():

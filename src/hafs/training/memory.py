@@ -256,9 +256,17 @@ def estimate_memory(model_config, *, sequence_length: int, batch_size: int, lora
     varlen = attn_impl in VARLEN_ATTN
     masked = not varlen and (packing or batch > 1 or attn_impl == "eager")
     kv_width = shape.heads if (masked and device != "mps") else shape.kv_heads
-    # (kernels._causal's fp32 path for short CPU examples is cast back to bf16 by autocast: measured.)
+    # q, k, v, output, and the flash kernel's log-sum-exp (fp32 per query head).
     attn = (2 * shape.heads + 2 * kv_width) * shape.head_dim * act + shape.heads * 4
     per_layer = tokens * (per_token_layer + attn)
+    if device == "cpu" and attn_impl == "hafs_varlen_sdpa" and act == 2:
+        # kernels.block_causal_attention keeps bf16 probabilities (worst case: one example per row)
+        # and no log-sum-exp, within its per-call budget; beyond it the flash kernel keeps none.
+        from .kernels import CPU_BLOCK_ATTENTION_BYTES, saved_probabilities
+
+        probs = batch * shape.heads * saved_probabilities(seq) * act
+        if probs <= CPU_BLOCK_ATTENTION_BYTES:
+            per_layer += probs - tokens * shape.heads * 4
     if attn_impl == "eager":
         per_layer += batch * shape.heads * seq * seq * (4 + act)  # fp32 softmax + its cast copy
     # The [B,1,T,T] bool mask is shared; each layer's SDPA converts it to an additive copy it keeps.
