@@ -312,6 +312,12 @@ def reseed_after_resume(ctx: DistContext) -> None:
 # --------------------------------------------------------------------------- launching
 
 
+def planned_world_size(plan, environ=None) -> int:
+    """Workers of this run: torchrun's WORLD_SIZE when started by it (it wins), else the profile's count."""
+    env = os.environ if environ is None else environ
+    return env_context(env).world_size if "WORLD_SIZE" in env else plan.world_size()
+
+
 def needs_launch(plan, environ=None) -> bool:
     """The plan asks for several workers and this process was not started by torchrun."""
     env = os.environ if environ is None else environ

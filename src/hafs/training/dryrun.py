@@ -171,7 +171,8 @@ def _steps(plan, report, lengths) -> None:
 
 
 def _memory(plan, report, force: bool, caps=None) -> None:
-    from .memory_check import check_memory, load_model_config
+    from .memory_check import check_memory
+    from .model_config import load_model_config
     from .precision import run_settings
 
     try:

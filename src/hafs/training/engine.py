@@ -244,20 +244,21 @@ def train(model, optimizer, scheduler, batches, plan, state: TrainState | None =
         n_labelled, step_tokens = dist.all_reduce_sum([sum(count_labelled(b["labels"]) for b in group),
                                                        sum(real_tokens(b) for b in group)])
         loss_sum = torch.zeros((), dtype=torch.float32, device=device)
-        weights = [1.0] * len(group)
-        if dist.fsdp and len(group) < -(-len(span) // dist.world_size):
+        real = len(group)
+        if dist.fsdp and real < -(-len(span) // dist.world_size):
             # Sharded layers all-gather in every forward and backward: a rank short of micro-batches
             # must still take part, with one that counts for nothing.
-            group, weights = group + [epoch_batches[span[0]]], weights + [0.0]
-        for b, weight in zip(group, weights):
+            group = group + [epoch_batches[span[0]]]
+        for i, b in enumerate(group):
+            counts = i < real
             b = {k: v.to(device, non_blocking=True) for k, v in trim_batch(b, multiple).items()
                  if k in ("input_ids", "labels", "position_ids")}
             with settings.autocast():
                 part, _ = causal_lm_loss(model, b, chunk_size=settings.loss_chunk_size,
                                          compute_dtype=compute_dtype, plain=plain)
-            scaled = part / max(n_labelled, 1) if weight else part * 0.0
+            scaled = part / max(n_labelled, 1) if counts else part * 0.0
             (scaler.scale(scaled) if scaler else scaled).backward()
-            if weight:
+            if counts:
                 loss_sum += part.detach()
         dist.all_reduce_grads(params)
         dist.all_reduce_sum(loss_sum)

@@ -17,6 +17,8 @@ passes over memory and fewer saved activations, which is what bounds a small mod
 
 from __future__ import annotations
 
+import functools
+
 VARLEN_ATTENTION = "hafs_varlen_sdpa"
 """Name under which `register_varlen_attention` registers per-example attention with transformers."""
 ATTENTION_BLOCK = 128
@@ -43,35 +45,36 @@ def keep_mask(x, p: float):
 
 
 def FastDropout(p: float):
-    """nn.Dropout(p) with `keep_mask`; the class is built lazily so importing this file stays torch-free."""
-    global _FAST_DROPOUT
-    if _FAST_DROPOUT is None:
-        import torch
-
-        class _FastDropout(torch.nn.Module):
-            """Dropout whose mask comes from `keep_mask`."""
-
-            def __init__(self, p: float):
-                super().__init__()
-                self.p = float(p)
-
-            def forward(self, x):
-                if not self.training or self.p == 0:
-                    return x
-                return x * keep_mask(x, self.p) * (1.0 / (1.0 - self.p))
-
-            def extra_repr(self) -> str:
-                return f"p={self.p}"
-
-        _FAST_DROPOUT = _FastDropout
-    return _FAST_DROPOUT(p)
+    """nn.Dropout(p) with `keep_mask`."""
+    return _fast_dropout_class()(p)
 
 
-_FAST_DROPOUT = None
+# The torch classes below are built on first use (functools.cache) so importing this file stays torch-free.
+@functools.cache
+def _fast_dropout_class():
+    import torch
+
+    class _FastDropout(torch.nn.Module):
+        """Dropout whose mask comes from `keep_mask`."""
+
+        def __init__(self, p: float):
+            super().__init__()
+            self.p = float(p)
+
+        def forward(self, x):
+            if not self.training or self.p == 0:
+                return x
+            return x * keep_mask(x, self.p) * (1.0 / (1.0 - self.p))
+
+        def extra_repr(self) -> str:
+            return f"p={self.p}"
+
+    return _FastDropout
 
 
 # --------------------------------------------------------------------------- LoRA
 
+@functools.cache
 def _lora_function():
     import torch
 
@@ -110,18 +113,12 @@ def _lora_function():
     return LoraBranch
 
 
-_LORA = None
-
-
 def lora_forward(self, x, *args, **kwargs):
     """Replacement forward for a peft lora.Linear with one plain adapter; peft's own forward otherwise."""
-    global _LORA
     active = [a for a in self.active_adapters if a in self.lora_A]
     if (self.disable_adapters or self.merged or args or kwargs or len(active) != 1 or active[0] in self.lora_variant
             or getattr(self, "fan_in_fan_out", False) or self.lora_bias.get(active[0], False)):
         return type(self).forward(self, x, *args, **kwargs)
-    if _LORA is None:
-        _LORA = _lora_function()
     name = active[0]
     drop = self.lora_dropout[name]
     p = getattr(drop, "p", 0.0) if self.training else 0.0
@@ -129,12 +126,13 @@ def lora_forward(self, x, *args, **kwargs):
     keep = keep_mask(x, p) if p > 0 else None
     # (x ⊙ keep / (1-p)) A: the 1/(1-p) is applied on the r-wide side, with the LoRA scaling.
     scale = float(self.scaling[name]) / (1.0 - p)
-    return _LORA.apply(base, x.to(base.dtype) if x.dtype != base.dtype else x, self.lora_A[name].weight,
-                       self.lora_B[name].weight, keep, scale)
+    return _lora_function().apply(base, x.to(base.dtype) if x.dtype != base.dtype else x,
+                                  self.lora_A[name].weight, self.lora_B[name].weight, keep, scale)
 
 
 # --------------------------------------------------------------------------- SwiGLU MLP
 
+@functools.cache
 def _swiglu_function():
     import torch
 
@@ -156,15 +154,9 @@ def _swiglu_function():
     return SwiGLU
 
 
-_SWIGLU = None
-
-
 def swiglu_mlp_forward(self, x):
     """Qwen2MLP / LlamaMLP forward: down(silu(gate(x)) * up(x)) with the leaner SwiGLU."""
-    global _SWIGLU
-    if _SWIGLU is None:
-        _SWIGLU = _swiglu_function()
-    return self.down_proj(_SWIGLU.apply(self.gate_proj(x), self.up_proj(x)))
+    return self.down_proj(_swiglu_function().apply(self.gate_proj(x), self.up_proj(x)))
 
 
 def patch_model(model, *, lora: bool = True, swiglu: bool = True) -> dict:
@@ -293,15 +285,10 @@ def saved_probabilities(width: int, block: int = ATTENTION_BLOCK) -> int:
 
 def block_causal_attention(query, key, value, scale: float):
     """Causal softmax(q k^T * scale) v with grouped-query heads, q [B, H, T, D], k/v [B, Hkv, T, D]."""
-    global _BlockCausal
-    if _BlockCausal is None:
-        _BlockCausal = _block_causal_function()
-    return _BlockCausal.apply(query, key, value, scale)
+    return _block_causal_function().apply(query, key, value, scale)
 
 
-_BlockCausal = None
-
-
+@functools.cache
 def _block_causal_function():
     import torch
 

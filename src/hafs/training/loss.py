@@ -16,6 +16,8 @@ the tokens fall into micro-batches.
 
 from __future__ import annotations
 
+import functools
+
 IGNORE_INDEX = -100
 """Label of positions that are not trained on."""
 LOGITS_BUDGET = {"cpu": 1 << 23, "cuda": 1 << 26}
@@ -67,7 +69,7 @@ def fused_linear_cross_entropy(hidden, weight, targets, *, bias=None, chunk_size
     if not needs_grad:
         with torch.no_grad():
             return _chunks(hidden, weight, bias, targets, chunk, dtype, grads=False)[0]
-    return _FusedLinearCE.apply(hidden, weight, bias, targets, chunk, dtype)
+    return _make_function().apply(hidden, weight, bias, targets, chunk, dtype)
 
 
 def _chunks(hidden, weight, bias, targets, chunk: int, dtype, grads: bool):
@@ -108,6 +110,7 @@ def _chunks(hidden, weight, bias, targets, chunk: int, dtype, grads: bool):
     return total, grad_h, grad_w, grad_b
 
 
+@functools.cache  # built on first use: importing this module stays torch-free
 def _make_function():
     import torch
 
@@ -131,20 +134,6 @@ def _make_function():
             return gh, gw, gb, None, None, None
 
     return FusedLinearCE
-
-
-class _Lazy:
-    """Builds the autograd.Function on first use so importing this module does not import torch."""
-
-    fn = None
-
-    def apply(self, *args):
-        if _Lazy.fn is None:
-            _Lazy.fn = _make_function()
-        return _Lazy.fn.apply(*args)
-
-
-_FusedLinearCE = _Lazy()
 
 
 def plain_head(model) -> bool:

@@ -8,9 +8,9 @@ refuses with the largest settings that would fit.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
+from .distributed import planned_world_size
 from .errors import HardwareError
 from .memory import ATTN_IMPLS, CPU_ALLOCATORS, FitSuggestions, MemoryEstimate, estimate_memory
 from .model_config import load_model_config
@@ -86,9 +86,7 @@ def _plan_kwargs(plan, settings=None, caps=None) -> dict:
         device = plan.device if plan.device != "auto" else (caps.best_device() if caps is not None else "cpu")
         run = {"device_kind": device, "precision": plan.precision,
                "gradient_checkpointing": bool(plan.gradient_checkpointing)}
-    # Under torchrun its WORLD_SIZE wins over the profile's num_gpus x num_nodes (distributed.py).
-    world = int(os.environ.get("WORLD_SIZE") or plan.world_size())
-    shards = world if plan.hardware.distributed == "fsdp" else 1
+    shards = planned_world_size(plan) if plan.hardware.distributed == "fsdp" else 1
     return dict(sequence_length=plan.sequence_length, batch_size=plan.batch_size, lora_r=plan.lora.r,
                 lora_targets=list(plan.lora.target_modules), lora_dropout=plan.lora.lora_dropout,
                 packing=plan.packing, weight_shards=shards, **run)

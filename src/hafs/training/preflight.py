@@ -144,7 +144,8 @@ def rank_presets(cfg, caps: Capabilities, *, memory: bool = True, config_loader=
     With `memory`, each runnable preset's estimate is compared with its budget; `config_loader(base_model)`
     returns a model's config.json dict (default: model_config.load_model_config, one call per base model).
     """
-    from .memory_check import check_memory, load_model_config
+    from .memory_check import check_memory
+    from .model_config import load_model_config
     from .plan import resolve
 
     loader, cache = config_loader or load_model_config, {}

@@ -134,10 +134,10 @@ def run(plan: TrainingConfig, opts: RunOptions, log=print) -> Path:
 
     # 6. Save: stage everything, write metadata.json last, rename into place (never overwrite). The
     #    adapter is staged before the final evaluation, so a failing evaluation cannot lose it.
-    name = outputs.model_dir_name(plan)
-    staged = outputs.staging_dir(Path(plan.output.models_dir), name) if ctx.is_main else None
     try:
         if ctx.is_main:
+            name = outputs.model_dir_name(plan)
+            staged = outputs.staging_dir(Path(plan.output.models_dir), name)
             model_loading.save_adapter(model, tokenizer, staged)
         after = evaluator.run(model, "after") if evaluates else None
         if not ctx.is_main:  # rank 0 alone writes the model directory; the others learn its path
