@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hafs.training.batching import FORWARD_KWARGS, IGNORE_INDEX, collate, padding_waste, plan_batches
+from hafs.training.batching import FORWARD_KWARGS, IGNORE_INDEX, collate, end_to_end, padding_waste, plan_batches
 from hafs.training.data import SplitStats
 from hafs.training.tokenize import TokenizedSplit, TokenStats
 
@@ -190,3 +190,31 @@ def test_unpacked_padded_batch_equals_single_examples():
         for b, n in enumerate([11, 3, 17]):
             alone = model(**collate(split, [[b]], pad_id=PAD, pad_multiple=1), **FORWARD_KWARGS).logits[0]
             torch.testing.assert_close(logits[b, :n], alone, atol=1e-5, rtol=0)
+
+
+def test_padding_free_micro_batch_equals_its_padded_rows():
+    # The rows of a micro-batch laid end to end in one row (RunSettings.padding_free): the same
+    # loss and gradients as the padded batch, with hafs's per-example CPU attention.
+    import torch
+
+    from hafs.training import attention
+    from hafs.training.loss import causal_lm_loss
+
+    attention.register_varlen_attention()
+    model = tiny_qwen2(attention.VARLEN_ATTENTION).train()
+    split = make_split([13, 7, 21, 5, 30], prompt_lengths=[3, 0, 10, 2, 4], seed=3)
+    rows = [[4], [2], [0], [1], [3]]
+    assert end_to_end(rows) == [[4, 2, 0, 1, 3]]
+    padded, flat = collate(split, rows, pad_id=PAD), collate(split, end_to_end(rows), pad_id=PAD)
+    assert flat["input_ids"].shape == (1, 80) and padded["input_ids"].shape == (5, 32)
+    results = []
+    for batch in (padded, flat):
+        model.zero_grad()
+        loss, n = causal_lm_loss(model, batch)
+        loss.backward()
+        results.append((float(loss.detach()), n, [p.grad.clone() for p in model.parameters()]))
+    (loss_a, n_a, grads_a), (loss_b, n_b, grads_b) = results
+    assert n_a == n_b == int(split.label_mask.sum())
+    assert abs(loss_a - loss_b) < 1e-5 * n_a
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

@@ -271,3 +271,17 @@ def test_precision_is_settled_by_the_gpu_present_and_kept_when_none_is():
     assert settle_precision("bf16", "cuda", linux_cpu()) == ("bf16", None)
     assert settle_precision("bf16", "cpu", linux_cpu(bf16=False))[0] == "fp32"
     assert settle_precision("fp16", "cpu", linux_cpu())[0] == "fp32"
+
+
+def test_padding_free_batches_only_where_the_attention_keeps_examples_apart():
+    from hafs.training.precision import VARLEN_ATTENTION, run_settings
+
+    def plan(device, packing=False):
+        return types.SimpleNamespace(device=device, precision="bf16", packing=packing, gradient_checkpointing=False)
+
+    cpu = run_settings(plan("cpu"), linux_cpu())
+    assert cpu.attn_implementation == VARLEN_ATTENTION and cpu.padding_free
+    assert "padding-free" in cpu.describe()
+    assert run_settings(plan("cpu", packing=True), linux_cpu()).padding_free
+    gpu = run_settings(plan("cuda"), with_gpu("NVIDIA A100", (8, 0), CU128, 40))
+    assert not gpu.padding_free and "padding-free" not in gpu.describe()

@@ -1,4 +1,4 @@
-"""The leaner training pieces compute what they replace: LoRA Linear, SwiGLU MLP, dropout masks, attention."""
+"""The leaner training pieces compute what they replace: LoRA Linear, SwiGLU MLP, RMSNorm, dropout masks."""
 
 from __future__ import annotations
 
@@ -99,49 +99,48 @@ def test_keep_mask_probability_and_determinism():
     assert bool(kernels.keep_mask(x, 0.0).all())
 
 
-@pytest.mark.parametrize("width", [1, 7, 128, 129, 300])
-@pytest.mark.parametrize("kv_heads", [2, 4])
-def test_block_causal_attention_equals_causal_sdpa_in_values_and_gradients(width, kv_heads):
-    # float64: the blocks, the stacked query groups and the softmax backward are exact, not just close
-    g = torch.Generator().manual_seed(width)
-    q = torch.randn(2, 4, width, 16, generator=g, dtype=torch.float64).transpose(1, 2).contiguous().transpose(1, 2)
-    k = torch.randn(2, kv_heads, width, 16, generator=g, dtype=torch.float64)
-    v = torch.randn(2, kv_heads, width, 16, generator=g, dtype=torch.float64)
-    q, k, v = (t.requires_grad_() for t in (q, k, v))  # q non-contiguous, as transformers passes it
-    ours = kernels.block_causal_attention(q, k, v, 0.3)
-    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3,
-                                                           enable_gqa=kv_heads != 4)
-    grad = torch.randn(ours.shape, generator=g, dtype=torch.float64)
-    torch.testing.assert_close(ours, ref, atol=1e-10, rtol=1e-10)
-    for a, b in zip(torch.autograd.grad(ours, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
-        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+@pytest.mark.parametrize("weight_grad", [False, True])
+def test_rms_norm_equals_qwen2_rms_norm(weight_grad):
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+    g = torch.Generator().manual_seed(5)
+    norm = Qwen2RMSNorm(24, eps=1e-6)
+    norm.weight.data = torch.randn(24, generator=g, dtype=torch.float64) * 0.2 + 1
+    norm.weight.requires_grad_(weight_grad)
+    norm.double()
+    x = (torch.randn(3, 7, 24, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    grad = torch.randn(3, 7, 24, generator=g, dtype=torch.float64)
+    wrt = [x, norm.weight] if weight_grad else [x]
+    # fp64 (transformers' RMSNorm would compute it in fp32): the formula itself, to 1e-12
+    ref = norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+    ref_grads = torch.autograd.grad(ref, wrt, grad)
+    ours = kernels.rms_norm_forward(norm, x)
+    torch.testing.assert_close(ours, ref, atol=1e-12, rtol=1e-12)
+    for a, b in zip(torch.autograd.grad(ours, wrt, grad), ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    # fp32: transformers' module itself
+    norm.float()
+    xf = x.detach().float().requires_grad_()
+    wrt = [xf, norm.weight] if weight_grad else [xf]
+    ours, ref = kernels.rms_norm_forward(norm, xf), norm(xf)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(torch.autograd.grad(ours, wrt, grad.float()), torch.autograd.grad(ref, wrt, grad.float())):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    # bf16 activations: within a rounding of transformers' fp32-internal result, gradients close
+    norm.to(torch.bfloat16)
+    xb = x.detach().to(torch.bfloat16).requires_grad_()
+    ours, ref = kernels.rms_norm_forward(norm, xb), norm(xb)
+    assert ours.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(ours.float(), ref.float(), atol=0, rtol=2 ** -7)
+    (a,), (b,) = torch.autograd.grad(ours, [xb], grad.bfloat16()), torch.autograd.grad(ref, [xb], grad.bfloat16())
+    assert float((a.float() - b.float()).norm() / b.float().norm()) < 1e-2
 
 
-def test_cpu_bf16_attention_takes_the_block_kernel_within_its_budget_and_keeps_what_it_counts():
-    g = torch.Generator().manual_seed(0)
-    q = torch.randn(2, 4, 200, 16, generator=g).bfloat16().requires_grad_()
-    k = torch.randn(2, 2, 200, 16, generator=g).bfloat16().requires_grad_()
-    v = torch.randn(2, 2, 200, 16, generator=g).bfloat16().requires_grad_()
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        ours = kernels._causal(q, k, v, None, True)
-    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True,
-                                                           enable_gqa=True)
-    assert ours.dtype == torch.bfloat16
-    torch.testing.assert_close(ours.float(), ref, atol=1e-2, rtol=1e-2)
-    probabilities = [t for t in saved if t.dim() == 4 and t.shape[-1] != 16]
-    assert sum(t.numel() for t in probabilities) == 2 * 4 * kernels.saved_probabilities(200)
-    assert kernels.saved_probabilities(200) == 128 * 128 + 72 * 200 and kernels.saved_probabilities(5) == 25
-    # over the budget: torch's flash kernel, which keeps no probabilities
-    long = 4096
-    assert 2 * 4 * kernels.saved_probabilities(long) * 2 > kernels.CPU_BLOCK_ATTENTION_BYTES
-    q, k, v = (torch.randn(2, h, long, 16).bfloat16().requires_grad_() for h in (4, 2, 2))
-    saved.clear()
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        kernels._causal(q, k, v, None, True)
-    assert not [t for t in saved if t.dim() == 4 and t.shape[-1] == long]
+def test_patch_model_replaces_the_rms_norms_of_a_qwen2_model():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
-
-def test_row_segments_split_at_position_restarts():
-    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 6, 7, 8]])
-    assert kernels.row_segments(pos) == [[(0, 3), (3, 5), (5, 9)], [(0, 9)]]
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    counts = kernels.patch_model(model, lora=False, swiglu=False)
+    assert counts["rms_norm"] == 2 * 2 + 1  # two per layer and the final one
+    assert kernels.patch_model(model, rms_norm=False)["rms_norm"] == 0

@@ -134,6 +134,14 @@ def collate(tokenized, rows: list[list[int]], pad_id: int, *, pad_multiple: int 
             "position_ids": torch.from_numpy(position_ids)}
 
 
+def end_to_end(rows: list[list[int]]) -> list[list[int]]:
+    """A micro-batch's rows laid end to end as one row (padding-free; position_ids keep examples apart).
+
+    E.g. [[3], [0, 2], [1]] -> [[3, 0, 2, 1]].
+    """
+    return [[i for row in rows for i in row]]
+
+
 def padding_waste(lengths: np.ndarray, batches: list[list[list[int]]], pad_multiple: int = PAD_MULTIPLE) -> float:
     """Fraction of the batch tensors' cells that are padding (for logs and benchmarks)."""
     lengths = np.asarray(lengths)

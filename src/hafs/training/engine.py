@@ -102,6 +102,7 @@ class BatchSource:
         self.lengths = split.lengths
         self.pad_id = pad_id if pad_id is not None else tokenizer.pad_token_id
         self.packing = settings.packing if settings is not None else plan.packing
+        self.padding_free = settings is not None and settings.padding_free
         self._rows: tuple[int, list] | None = None
 
     def rows(self, epoch: int) -> list:
@@ -131,10 +132,10 @@ class EpochBatches:
         return len(self.rows)
 
     def __getitem__(self, i: int) -> dict:
-        from .batching import collate
+        from .batching import collate, end_to_end
 
         rows = self.rows[i]
-        batch = collate(self.source.split, rows, self.source.pad_id)
+        batch = collate(self.source.split, end_to_end(rows) if self.source.padding_free else rows, self.source.pad_id)
         batch["num_tokens"] = int(sum(int(self.source.lengths[j]) for row in rows for j in row))
         return batch
 

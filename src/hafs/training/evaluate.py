@@ -101,11 +101,13 @@ def _tokenized(split, plan, tokenizer):
 
 def eval_batches(split, plan, pad_id: int, settings=None) -> list[dict]:
     """The split's micro-batches in a fixed order (the loss is a sum, so the order only has to be stable)."""
-    from .batching import collate, plan_batches
+    from .batching import collate, end_to_end, plan_batches
 
     packing = settings.packing if settings is not None else plan.packing
     rows = plan_batches(split.lengths, batch_size=plan.batch_size, sequence_length=plan.sequence_length,
                         packing=packing, seed=plan.seed, epoch=0)
+    if settings is not None and settings.padding_free:
+        rows = [end_to_end(r) for r in rows]
     return [collate(split, r, pad_id) for r in rows]
 
 

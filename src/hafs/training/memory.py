@@ -260,13 +260,14 @@ def estimate_memory(model_config, *, sequence_length: int, batch_size: int, lora
     attn = (2 * shape.heads + 2 * kv_width) * shape.head_dim * act + shape.heads * 4
     per_layer = tokens * (per_token_layer + attn)
     if device == "cpu" and attn_impl == "hafs_varlen_sdpa" and act == 2:
-        # kernels.block_causal_attention keeps bf16 probabilities (worst case: one example per row)
-        # and no log-sum-exp, within its per-call budget; beyond it the flash kernel keeps none.
-        from .kernels import CPU_BLOCK_ATTENTION_BYTES, saved_probabilities
+        # attention.block_causal_attention keeps bf16 probabilities (worst case: one example per row)
+        # and neither its output nor a log-sum-exp, within its per-call budget; beyond it the flash
+        # kernel keeps none.
+        from .attention import CPU_BLOCK_ATTENTION_BYTES, saved_probabilities
 
         probs = batch * shape.heads * saved_probabilities(seq) * act
         if probs <= CPU_BLOCK_ATTENTION_BYTES:
-            per_layer += probs - tokens * shape.heads * 4
+            per_layer += probs - tokens * shape.heads * (4 + shape.head_dim * act)
     if attn_impl == "eager":
         per_layer += batch * shape.heads * seq * seq * (4 + act)  # fp32 softmax + its cast copy
     # The [B,1,T,T] bool mask is shared; each layer's SDPA converts it to an additive copy it keeps.
@@ -315,6 +316,7 @@ def _layer_bytes_per_token(shape: ModelShape, targets, act: int, r: int, dropout
     dims = shape.module_dims()
     total = 2 * shape.hidden * 4  # two RMSNorms keep their fp32 input
     if lean:
+        total = 2 * (shape.hidden * act + 4)  # kernels.rms_norm_forward: the input as is, and fp32 rstd
         total += 2 * shape.intermediate * act  # gate and up (silu(gate) is recomputed)
         # Sibling adapters share one saved input (q/k/v: the first norm's output; gate/up: the second's)
         # and each keeps its byte mask and its r-wide activation.

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .attention import VARLEN_ATTENTION, register_varlen_attention
 from .errors import ConfigError, Problem
-from .kernels import VARLEN_ATTENTION, FastDropout, register_varlen_attention
+from .kernels import FastDropout
 from .precision import DTYPES, RunSettings, choose_attention
 
 # Unused special tokens that make a safe pad token when a tokenizer has none (no new embedding row).
@@ -154,7 +155,7 @@ def prepare_for_training(model, settings: RunSettings) -> None:
                     if isinstance(drop, torch.nn.Dropout) and drop.p > 0:
                         module.lora_dropout[name] = FastDropout(drop.p)
     if settings.lean_kernels:
-        kernels.patch_model(model, lora=True, swiglu=not settings.liger)
+        kernels.patch_model(model, lora=True, swiglu=not settings.liger, rms_norm=not settings.liger)
     if settings.gradient_checkpointing:
         # Non-reentrant: works with frozen embeddings (no enable_input_require_grads hack) and
         # with keyword arguments; reentrant checkpointing is deprecated in torch.
