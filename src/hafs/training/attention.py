@@ -15,8 +15,9 @@ import functools
 
 VARLEN_ATTENTION = "hafs_varlen_sdpa"
 """Name under which `register_varlen_attention` registers per-example attention with transformers."""
-ATTENTION_BLOCK = 128
-"""Query rows per block of `block_causal_attention`."""
+ATTENTION_BLOCK = 64
+"""Query rows per block of `block_causal_attention`. Its diagonal blocks are computed whole, so smaller
+blocks waste less; fwd + bwd on this CPU, 64 against 128: 5-25% faster at 120-1,000 tokens."""
 CPU_BLOCK_ATTENTION_BYTES = 32 << 20
 """Saved probabilities (bf16) per attention call up to which CPU attention uses block_causal_attention
 (length_groups keeps its groups within it); an example too long for it alone takes torch's flash
