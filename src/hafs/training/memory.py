@@ -250,7 +250,8 @@ def estimate_memory(model_config, *, sequence_length: int, batch_size: int, lora
     if lean_kernels:
         dropout_mask_bytes = 1
     per_token_layer = _layer_bytes_per_token(shape, targets, act, lora_r, lora_dropout, dropout_mask_bytes,
-                                             act if autocast else 4, lean_kernels)
+                                             act if autocast else 4, lean_kernels,
+                                             lean_norm=lean_kernels and device == "cpu")
     # transformers repeats k/v for SDPA whenever there is a mask (use_gqa_in_sdpa), except on MPS; packing,
     # padding (batch > 1) and eager attention all bring one. Varlen kernels need no mask and do GQA natively.
     varlen = attn_impl in VARLEN_ATTN
@@ -311,12 +312,13 @@ def estimate_memory(model_config, *, sequence_length: int, batch_size: int, lora
 
 
 def _layer_bytes_per_token(shape: ModelShape, targets, act: int, r: int, dropout: float, mask_bytes: int,
-                           lora_in_bytes: int, lean: bool = False) -> int:
+                           lora_in_bytes: int, lean: bool = False, lean_norm: bool = False) -> int:
     """Bytes one decoder layer keeps for backward per token, apart from attention's q/k/v/out."""
     dims = shape.module_dims()
     total = 2 * shape.hidden * 4  # two RMSNorms keep their fp32 input
+    if lean_norm:
+        total = 2 * (shape.hidden * act + 4)  # kernels.rms_norm_forward (CPU): the input as is, and fp32 rstd
     if lean:
-        total = 2 * (shape.hidden * act + 4)  # kernels.rms_norm_forward: the input as is, and fp32 rstd
         total += 2 * shape.intermediate * act  # gate and up (silu(gate) is recomputed)
         # Sibling adapters share one saved input (q/k/v: the first norm's output; gate/up: the second's)
         # and each keeps its byte mask and its r-wide activation.

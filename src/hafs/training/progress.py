@@ -67,10 +67,9 @@ def print_plan(plan, settings: RunSettings, prepared, total_steps: int, estimate
         log(f"note: {note}")
     stats = train.stats
     log(f"Data: {len(train)} training samples, {stats.tokens:,} tokens ({stats.response_tokens:,} trained on)")
-    shape = (f"{plan.batch_size} rows of up to {plan.sequence_length} packed tokens" if settings.packing
-             else f"{plan.batch_size} samples (length-grouped)")
-    if settings.padding_free:
-        shape += ", laid end to end without padding"
+    end_to_end = ", laid end to end without padding" if settings.padding_free else ""
+    shape = (f"{plan.batch_size} rows of up to {plan.sequence_length} packed tokens{end_to_end}" if settings.packing
+             else f"{plan.batch_size} samples (length-grouped{end_to_end})")
     log(f"Batch: {shape} x {plan.gradient_accumulation} accumulation = "
         f"{plan.effective_batch()} per optimizer step; {total_steps} steps, "
         f"warm-up {plan.resolved_warmup(total_steps)}, lr {plan.learning_rate:g} ({plan.lr_scheduler})")
