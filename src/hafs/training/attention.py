@@ -26,7 +26,7 @@ kernel, which keeps none. With 8 heads: examples up to ~2,000 tokens."""
 
 _registered = False
 _segments_cache: list = [None, None]  # [position_ids tensor, its segments]: all layers see one batch
-_gather_cache: list = [None, None]  # [position_ids tensor, its _gather_plan]
+_gather_cache: list = [None, None, 0]  # [position_ids tensor, its _gather_plan, heads]
 
 
 def register_varlen_attention() -> None:
@@ -135,7 +135,7 @@ def _gather_plan(position_ids, segments, heads: int):
     """Index tensors that move packed rows' examples into padded groups and back (cached per batch)."""
     import torch
 
-    if _gather_cache[0] is position_ids:
+    if _gather_cache[0] is position_ids and _gather_cache[2] == heads:
         return _gather_cache[1]
     width = position_ids.shape[-1]
     spans = [(b * width + s, e - s) for b, row in enumerate(segments) for s, e in row]
@@ -161,7 +161,7 @@ def _gather_plan(position_ids, segments, heads: int):
         order = torch.empty_like(placed)
         order[placed] = torch.arange(len(placed))
         order = order.to(position_ids.device)
-    _gather_cache[0], _gather_cache[1] = position_ids, (groups, order)
+    _gather_cache[:] = position_ids, (groups, order), heads
     return groups, order
 
 
