@@ -6,7 +6,7 @@
   and each group runs as one batched call.
 - `block_causal_attention`: CPU bf16 attention in query blocks, keeping the probabilities for
   backward: torch's CPU flash kernel recomputes them and runs at 10-15% of the bf16 matmul rate
-  here; this is 1.7-3.2x faster fwd + bwd at 128-1024 tokens, for memory the estimate counts.
+  here; this is 1.7-2.6x faster fwd + bwd at 128-1,024 tokens, for memory the estimate counts.
 """
 
 from __future__ import annotations
