@@ -334,3 +334,19 @@ def test_under_torchrun_the_workers_it_started_decide_the_shards(cfg, monkeypatc
     assert estimate_for_plan(plan, QWEN_15B).settings["weight_shards"] == 2
     plan.hardware.distributed = "ddp"
     assert estimate_for_plan(plan, QWEN_15B).settings["weight_shards"] == 1
+
+
+def test_cpu_attention_probabilities_are_counted_for_every_example_that_fits_the_budget():
+    # 4 rows of 1,024 tokens at 12 heads: together over the 32 MiB per-call budget, each alone within
+    # it, so attention.length_groups runs them in several calls that all keep their probabilities.
+    from hafs.training.attention import CPU_BLOCK_ATTENTION_BYTES, saved_probabilities
+
+    heads, seq = QWEN_15B["num_attention_heads"], 1024
+    one = heads * saved_probabilities(seq) * 2
+    assert one <= CPU_BLOCK_ATTENTION_BYTES < 4 * one
+    cpu = dict(attn_impl="hafs_varlen_sdpa", device_kind="cpu", sequence_length=seq)
+    a, b = (est(batch_size=n, **cpu).settings["saved_bytes"] for n in (1, 4))
+    layers = QWEN_15B["num_hidden_layers"]
+    # the probabilities scale with the batch like everything else (no drop at the per-call budget)
+    assert b - a == pytest.approx(3 * a, rel=0.02)
+    assert a > layers * one

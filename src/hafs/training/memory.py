@@ -262,12 +262,13 @@ def estimate_memory(model_config, *, sequence_length: int, batch_size: int, lora
     per_layer = tokens * (per_token_layer + attn)
     if device == "cpu" and attn_impl == "hafs_varlen_sdpa" and act == 2:
         # attention.block_causal_attention keeps bf16 probabilities (worst case: one example per row)
-        # and neither its output nor a log-sum-exp, within its per-call budget; beyond it the flash
-        # kernel keeps none.
+        # and neither its output nor a log-sum-exp. A micro-batch's examples are split into calls
+        # within its per-call budget (attention.length_groups), so all of them keep probabilities
+        # whenever one example's fit; an example over it alone takes the flash kernel, which keeps none.
         from .attention import CPU_BLOCK_ATTENTION_BYTES, saved_probabilities
 
-        probs = batch * shape.heads * saved_probabilities(seq) * act
-        if probs <= CPU_BLOCK_ATTENTION_BYTES:
+        if shape.heads * saved_probabilities(seq) * act <= CPU_BLOCK_ATTENTION_BYTES:
+            probs = batch * shape.heads * saved_probabilities(seq) * act
             per_layer += probs - tokens * shape.heads * (4 + shape.head_dim * act)
     if attn_impl == "eager":
         per_layer += batch * shape.heads * seq * seq * (4 + act)  # fp32 softmax + its cast copy
