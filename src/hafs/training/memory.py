@@ -210,7 +210,8 @@ def estimate_memory(model_config, *, sequence_length: int, batch_size: int, lora
                     device_kind: str = "cpu", lora_dropout: float = 0.05, loss_chunk_tokens: int | None = None,
                     labelled_fraction: float = 1.0, autocast: bool | None = None,
                     dropout_mask_bytes: int | None = None, lora_input_cast: bool = True,
-                    lean_kernels: bool = False, cpu_allocator: str = "glibc", weight_shards: int = 1) -> MemoryEstimate:
+                    lean_kernels: bool = False, lean_rms_norm: bool = False, cpu_allocator: str = "glibc",
+                    weight_shards: int = 1) -> MemoryEstimate:
     """Predict the peak memory of LoRA training; see the module docstring for what each term counts.
 
     `model_config` is a config.json dict (or a ModelShape). `labelled_fraction` is the share of tokens
@@ -218,7 +219,7 @@ def estimate_memory(model_config, *, sequence_length: int, batch_size: int, lora
     adapters' matmuls in the compute dtype, so their saved inputs are half-width copies; `lora_input_cast`
     is peft's cast of the adapter input to fp32 (the engine turns it off under autocast). `lean_kernels`:
     hafs.training.kernels' LoRA and SwiGLU forwards (one saved input per sibling group, byte masks, no
-    silu(gate)).
+    silu(gate)); `lean_rms_norm`: its RMSNorm (keeps the input as is, not an fp32 copy).
     `loss_chunk_tokens` defaults to the trainer's rule (loss.default_chunk_size). `cpu_allocator`:
     "glibc" (the default malloc) or "mmap" (after `release_freed_memory()`).
     `weight_shards`: workers the decoder layers are sharded over (distributed = "fsdp"); per worker.
@@ -250,8 +251,7 @@ def estimate_memory(model_config, *, sequence_length: int, batch_size: int, lora
     if lean_kernels:
         dropout_mask_bytes = 1
     per_token_layer = _layer_bytes_per_token(shape, targets, act, lora_r, lora_dropout, dropout_mask_bytes,
-                                             act if autocast else 4, lean_kernels,
-                                             lean_norm=lean_kernels and device == "cpu")
+                                             act if autocast else 4, lean_kernels, lean_rms_norm)
     # transformers repeats k/v for SDPA whenever there is a mask (use_gqa_in_sdpa), except on MPS; packing,
     # padding (batch > 1) and eager attention all bring one. Varlen kernels need no mask and do GQA natively.
     varlen = attn_impl in VARLEN_ATTN
@@ -313,12 +313,12 @@ def estimate_memory(model_config, *, sequence_length: int, batch_size: int, lora
 
 
 def _layer_bytes_per_token(shape: ModelShape, targets, act: int, r: int, dropout: float, mask_bytes: int,
-                           lora_in_bytes: int, lean: bool = False, lean_norm: bool = False) -> int:
+                           lora_in_bytes: int, lean: bool = False, lean_rms_norm: bool = False) -> int:
     """Bytes one decoder layer keeps for backward per token, apart from attention's q/k/v/out."""
     dims = shape.module_dims()
     total = 2 * shape.hidden * 4  # two RMSNorms keep their fp32 input
-    if lean_norm:
-        total = 2 * (shape.hidden * act + 4)  # kernels.rms_norm_forward (CPU): the input as is, and fp32 rstd
+    if lean_rms_norm:
+        total = 2 * (shape.hidden * act + 4)  # kernels.rms_norm_forward: the input as is, and fp32 rstd
     if lean:
         total += 2 * shape.intermediate * act  # gate and up (silu(gate) is recomputed)
         # Sibling adapters share one saved input (q/k/v: the first norm's output; gate/up: the second's)

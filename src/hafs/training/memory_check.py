@@ -68,12 +68,13 @@ def settings_kwargs(settings) -> dict:
     autocast = bool(getattr(settings, "autocast_dtype", None))
     attn = getattr(settings, "attn_implementation", "sdpa")
     allocator = getattr(settings, "cpu_allocator", "glibc")
+    lean = bool(getattr(settings, "lean_kernels", False))
     return {"device_kind": device, "precision": settings.precision, "attn_impl": attn if attn in ATTN_IMPLS else "sdpa",
                 "gradient_checkpointing": bool(getattr(settings, "gradient_checkpointing", False)),
                 "loss_chunk_tokens": getattr(settings, "loss_chunk_size", None), "autocast": autocast,
                 "lora_input_cast": not autocast,  # model_loading.prepare_for_training: no fp32 copy under autocast
                 "dropout_mask_bytes": 1 if getattr(settings, "fast_dropout", False) else None,
-                "lean_kernels": bool(getattr(settings, "lean_kernels", False)),
+                "lean_kernels": lean, "lean_rms_norm": lean and bool(getattr(settings, "lean_rms_norm", False)),
                 "cpu_allocator": allocator if allocator in CPU_ALLOCATORS else "glibc"}
 
 

@@ -155,8 +155,7 @@ def prepare_for_training(model, settings: RunSettings) -> None:
                     if isinstance(drop, torch.nn.Dropout) and drop.p > 0:
                         module.lora_dropout[name] = FastDropout(drop.p)
     if settings.lean_kernels:
-        # RMSNorm: measured on CPUs only (CUDA runs Liger's fused one when installed).
-        kernels.patch_model(model, lora=True, swiglu=not settings.liger, rms_norm=settings.device == "cpu")
+        kernels.patch_model(model, lora=True, swiglu=not settings.liger, rms_norm=settings.lean_rms_norm)
     if settings.gradient_checkpointing:
         # Non-reentrant: works with frozen embeddings (no enable_input_require_grads hack) and
         # with keyword arguments; reentrant checkpointing is deprecated in torch.
