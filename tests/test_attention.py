@@ -91,13 +91,13 @@ def test_packed_rows_attention_equals_each_example_alone(dtype):
     v = torch.randn(2, width, kv, dim, generator=g).to(dtype).transpose(1, 2).requires_grad_()
     module = torch.nn.Module()
     module.is_causal = True
-    attention._segments_cache[0] = attention._gather_cache[0] = None
+    attention._batch_cache["position_ids"] = None
     out, _ = attention.varlen_attention_forward(module, q, k, v, None, scaling=0.25, position_ids=pos)
     assert out.shape == (2, width, heads, dim)
     grad = torch.randn(out.shape, generator=g).to(dtype)
     grads = torch.autograd.grad(out, (q, k, v), grad)
     segments = attention.row_segments(pos)
-    assert len(attention._gather_cache[1][0]) > 1  # several groups: their outputs are put back in order
+    assert len(attention._batch_cache["plans"][heads][0]) > 1  # several groups: outputs put back in order
     tol = dict(atol=1e-10, rtol=1e-10) if dtype == torch.float64 else dict(atol=2e-2, rtol=2e-2)
     for b, row in enumerate(segments):
         for s, e in row:

@@ -25,8 +25,8 @@ kernel, which keeps none. With 8 heads: examples up to ~2,000 tokens."""
 
 
 _registered = False
-_segments_cache: list = [None, None]  # [position_ids tensor, its segments]: all layers see one batch
-_gather_cache: list = [None, None, 0]  # [position_ids tensor, its _gather_plan, heads]
+# All layers see one batch: its position_ids tensor, the segments found in it, its gather plans by head count.
+_batch_cache: dict = {"position_ids": None, "segments": None, "plans": {}}
 
 
 def register_varlen_attention() -> None:
@@ -72,10 +72,10 @@ def row_segments(position_ids) -> list[list[tuple[int, int]]]:
 
 
 def _segments(position_ids, batch: int):
-    if _segments_cache[0] is not position_ids:
+    if _batch_cache["position_ids"] is not position_ids:
         pos = position_ids if position_ids.shape[0] == batch else position_ids.expand(batch, -1)
-        _segments_cache[0], _segments_cache[1] = position_ids, row_segments(pos)
-    return _segments_cache[1]
+        _batch_cache.update(position_ids=position_ids, segments=row_segments(pos), plans={})
+    return _batch_cache["segments"]
 
 
 def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -103,7 +103,10 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
         return _cuda_varlen(query, key, value, segments, scaling, gqa), None
     if single:
         return _causal(query, key, value, scaling, gqa).transpose(1, 2).contiguous(), None
-    return _grouped_causal(query, key, value, _gather_plan(position_ids, segments, heads), scaling, gqa), None
+    plans = _batch_cache["plans"]
+    if heads not in plans:
+        plans[heads] = _gather_plan(segments, width, heads, query.device)
+    return _grouped_causal(query, key, value, plans[heads], scaling, gqa), None
 
 
 def length_groups(lengths: list[int], heads: int, slack: float = 1.25) -> list[list[int]]:
@@ -122,22 +125,17 @@ def length_groups(lengths: list[int], heads: int, slack: float = 1.25) -> list[l
             longest = lengths[group[0]]
             n = len(group) + 1
             fits = n * longest <= slack * (sum(lengths[j] for j in group) + lengths[i])
-            small = n * heads * saved_probabilities(longest) * 2 <= CPU_BLOCK_ATTENTION_BYTES
-            alone_small = heads * saved_probabilities(longest) * 2 <= CPU_BLOCK_ATTENTION_BYTES
-            if fits and (small or not alone_small):
+            if fits and (within_block_budget(n, heads, longest) or not within_block_budget(1, heads, longest)):
                 group.append(i)
                 continue
         groups.append([i])
     return [sorted(g) for g in groups]
 
 
-def _gather_plan(position_ids, segments, heads: int):
-    """Index tensors that move packed rows' examples into padded groups and back (cached per batch)."""
+def _gather_plan(segments, width: int, heads: int, device):
+    """Index tensors that move packed rows' examples into padded groups and back."""
     import torch
 
-    if _gather_cache[0] is position_ids and _gather_cache[2] == heads:
-        return _gather_cache[1]
-    width = position_ids.shape[-1]
     spans = [(b * width + s, e - s) for b, row in enumerate(segments) for s, e in row]
     groups, placed = [], []
     for group in length_groups([n for _, n in spans], heads):
@@ -152,17 +150,20 @@ def _gather_plan(position_ids, segments, heads: int):
             take[j, :n] = torch.arange(start, start + n)
             real.append(torch.arange(j * longest, j * longest + n))
             placed.append(take[j, :n])
-        groups.append((len(group), longest, take.view(-1).to(position_ids.device),
-                       torch.cat(real).to(position_ids.device)))
+        groups.append((len(group), longest, take.view(-1).to(device), torch.cat(real).to(device)))
     # Each group's outputs come out in its own order; with several groups they are put back in row order.
     order = None
     if len(groups) > 1:
         placed = torch.cat(placed)
         order = torch.empty_like(placed)
         order[placed] = torch.arange(len(placed))
-        order = order.to(position_ids.device)
-    _gather_cache[:] = position_ids, (groups, order), heads
+        order = order.to(device)
     return groups, order
+
+
+def _tokens(t):
+    """[B, H, T, D] -> [B * T, H, D]: one row per token (a view for what transformers passes)."""
+    return t.transpose(1, 2).reshape(t.shape[0] * t.shape[2], t.shape[1], t.shape[3])
 
 
 def _grouped_causal(query, key, value, plan, scaling, gqa):
@@ -176,7 +177,7 @@ def _grouped_causal(query, key, value, plan, scaling, gqa):
 
     batch, heads, width, dim = query.shape
     groups, order = plan
-    flat = [t.transpose(1, 2).reshape(batch * width, t.shape[1], dim) for t in (query, key, value)]
+    flat = [_tokens(t) for t in (query, key, value)]
     parts = []
     for n, longest, take, real in groups:
         q, k, v = (f.index_select(0, take).view(n, longest, f.shape[1], dim).transpose(1, 2) for f in flat)
@@ -191,11 +192,15 @@ def _causal(query, key, value, scaling, gqa):
     import torch
 
     batch, heads, width, dim = query.shape
-    if (query.dtype == torch.bfloat16 and query.device.type == "cpu"
-            and batch * heads * saved_probabilities(width) * 2 <= CPU_BLOCK_ATTENTION_BYTES):
+    if query.dtype == torch.bfloat16 and query.device.type == "cpu" and within_block_budget(batch, heads, width):
         return block_causal_attention(query, key, value, scaling if scaling is not None else dim ** -0.5)
     sdpa = torch.nn.functional.scaled_dot_product_attention
     return sdpa(query, key, value, is_causal=True, scale=scaling, enable_gqa=gqa)
+
+
+def within_block_budget(batch: int, heads: int, width: int) -> bool:
+    """block_causal_attention keeps at most CPU_BLOCK_ATTENTION_BYTES of bf16 probabilities for this call."""
+    return batch * heads * saved_probabilities(width) * 2 <= CPU_BLOCK_ATTENTION_BYTES
 
 
 def saved_probabilities(width: int, block: int = ATTENTION_BLOCK) -> int:
@@ -286,10 +291,6 @@ def _cuda_varlen(query, key, value, segments, scaling, gqa):
     bounds = [b * width + s for b, row in enumerate(segments) for s, _ in row] + [batch * width]
     cu = torch.tensor(bounds, dtype=torch.int32, device=query.device)
     longest = max(e - s for row in segments for s, e in row)
-
-    def flat(t):
-        return t.transpose(1, 2).reshape(batch * width, t.shape[1], dim)
-
-    out = varlen_attn(flat(query), flat(key), flat(value), cu, cu, longest, longest,
+    out = varlen_attn(_tokens(query), _tokens(key), _tokens(value), cu, cu, longest, longest,
                       scale=scaling, window_size=(-1, 0), enable_gqa=gqa)
     return out.view(batch, width, heads, dim)

@@ -265,9 +265,9 @@ def estimate_memory(model_config, *, sequence_length: int, batch_size: int, lora
         # and neither its output nor a log-sum-exp. A micro-batch's examples are split into calls
         # within its per-call budget (attention.length_groups), so all of them keep probabilities
         # whenever one example's fit; an example over it alone takes the flash kernel, which keeps none.
-        from .attention import CPU_BLOCK_ATTENTION_BYTES, saved_probabilities
+        from .attention import saved_probabilities, within_block_budget
 
-        if shape.heads * saved_probabilities(seq) * act <= CPU_BLOCK_ATTENTION_BYTES:
+        if within_block_budget(1, shape.heads, seq):
             probs = batch * shape.heads * saved_probabilities(seq) * act
             per_layer += probs - tokens * shape.heads * (4 + shape.head_dim * act)
     if attn_impl == "eager":
