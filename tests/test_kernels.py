@@ -62,6 +62,30 @@ def test_lora_forward_with_dropout_uses_the_mask_and_rescales(monkeypatch):
     torch.testing.assert_close(kernels.lora_forward(layer, x), layer.base_layer(x) + (x @ a.T @ b.T) * 2.0)
 
 
+def test_lora_forward_under_bf16_autocast_matches_peft():
+    net, layer = lora_layer(alpha=16, r=4)
+    layer.base_layer.to(torch.bfloat16)  # frozen weights in bf16, adapters fp32: what training loads
+    x = torch.randn(3, 5, 12, requires_grad=True)
+    a = layer.lora_A["default"].weight
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = layer(x)
+        ours = kernels.lora_forward(layer, x)
+    assert ours.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(ours.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    g1 = torch.autograd.grad(ours.float().sum(), [x, a])
+    g2 = torch.autograd.grad(ref.float().sum(), [x, a])
+    for u, v in zip(g1, g2):
+        torch.testing.assert_close(u.float(), v.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_lora_forward_leaves_a_trainable_base_layer_to_peft():
+    net, layer = lora_layer()
+    layer.base_layer.weight.requires_grad_(True)  # e.g. unfrozen on purpose: its gradient must not be lost
+    x = torch.randn(4, 12)
+    kernels.lora_forward(layer, x).sum().backward()
+    assert layer.base_layer.weight.grad is not None and layer.base_layer.weight.grad.abs().sum() > 0
+
+
 def test_patched_lora_layer_still_honours_disabled_adapters():
     net, layer = lora_layer()
     counts = kernels.patch_model(net)

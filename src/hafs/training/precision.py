@@ -51,7 +51,7 @@ class RunSettings:
     liger: bool = False
     """Apply Liger's Triton kernels (RMSNorm, SwiGLU, RoPE) to the base model."""
     fused_optimizer: bool = False
-    """AdamW(fused=True) (CUDA); otherwise the foreach implementation."""
+    """AdamW(fused=True) (CUDA, CPU); otherwise the foreach implementation."""
     compile: bool = False
     """torch.compile the decoder layers."""
     notes: list[str] = field(default_factory=list)
@@ -209,7 +209,9 @@ def run_settings(plan, caps=None) -> RunSettings:
     s.fast_dropout = kind == "cpu"
     # Liger's Triton kernels are CUDA-only; used when installed.
     s.liger = kind == "cuda" and installed("liger_kernel")
-    s.fused_optimizer = kind == "cuda"
+    # One fused kernel over all adapter tensors: on this CPU 0.49 ms per step for 64 LoRA tensors
+    # against 1.35 ms for foreach (torch >= 2.4 has the CPU kernel; MPS's is left untried).
+    s.fused_optimizer = kind in ("cuda", "cpu")
     # peft's LoRA keeps a dropped copy of the input per adapter and makes extra passes for the
     # dropout rescale and `* scaling`; kernels.lora_forward computes the same sum keeping one
     # shared input and bool masks, and the SwiGLU MLP does not keep silu(gate): 21% fewer saved
