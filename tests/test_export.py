@@ -107,13 +107,18 @@ def _prompt_ids(expert) -> list[int]:
     return tok(fill_template(prompt_template(expert["plan"].expert), PROMPT), add_special_tokens=False)["input_ids"]
 
 
-def _hf_greedy(model, ids: list[int]) -> list[int]:
+def _hf_greedy(model, ids: list[int], margins: list | None = None) -> list[int]:
+    """Greedy continuation; `margins` (if given) gets each step's top-1 minus top-2 logit."""
     import torch
 
     out = list(ids)
     with torch.no_grad():
         for _ in range(NEW_TOKENS):
-            out.append(int(model(torch.tensor([out])).logits[0, -1].argmax()))
+            logits = model(torch.tensor([out])).logits[0, -1]
+            out.append(int(logits.argmax()))
+            if margins is not None:
+                top = logits.topk(2).values
+                margins.append(float(top[0] - top[1]))
     return out[len(ids):]
 
 
@@ -180,7 +185,8 @@ def _reference(expert, ids: list[int]):
     tuned = PeftModel.from_pretrained(base, expert["dir"]).eval()
     with torch.no_grad():
         logits = tuned(torch.tensor([ids])).logits[0].numpy()
-    return logits, _hf_greedy(tuned, ids), base_tokens
+    _reference.margins = []
+    return logits, _hf_greedy(tuned, ids, _reference.margins), base_tokens
 
 
 @needs_converter
@@ -211,7 +217,11 @@ def test_q8_0_stays_within_the_documented_tolerance(expert, exported):
     _decode.model_dir = expert["dir"]
     logits, tokens, _ = _llama_cpp(path, ids)
     assert np.abs(logits - ref_logits).max() < 0.25
-    assert tokens == expected
+    # The same greedy tokens, except that a step where transformers' top two logits are closer than
+    # twice that tolerance may flip (the continuations then part): the learned answer's decisive
+    # steps survive 8-bit weights.
+    agree = next((i for i, (a, b) in enumerate(zip(tokens, expected)) if a != b), len(expected))
+    assert agree == len(expected) or _reference.margins[agree] < 2 * 0.25, (agree, _reference.margins, tokens)
 
 
 @needs_converter

@@ -168,3 +168,62 @@ def test_patch_model_replaces_the_rms_norms_of_a_qwen2_model():
     counts = kernels.patch_model(model, lora=False, swiglu=False)
     assert counts["rms_norm"] == 2 * 2 + 1  # two per layer and the final one
     assert kernels.patch_model(model, rms_norm=False)["rms_norm"] == 0
+
+
+def test_rotary_equals_transformers_values_and_gradients():
+    from transformers.models.qwen2 import modeling_qwen2
+
+    original = modeling_qwen2.apply_rotary_pos_emb
+    if hasattr(original, "keywords"):  # patched by an earlier test in this process
+        original = original.keywords["_original"]
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 4, 9, 16, generator=g, dtype=torch.float64).transpose(1, 2).contiguous().transpose(1, 2)
+    k = torch.randn(2, 2, 9, 16, generator=g, dtype=torch.float64)
+    angles = torch.randn(2, 9, 8, generator=g, dtype=torch.float64)
+    emb = torch.cat([angles, angles], -1)
+    cos, sin = emb.cos(), emb.sin()
+    q.requires_grad_(), k.requires_grad_()
+    gq, gk = torch.randn_like(q), torch.randn_like(k)
+    ref = original(q, k, cos, sin)
+    ours = kernels.apply_rotary_pos_emb(q, k, cos, sin, _original=original)
+    assert ours[0].stride() == q.stride()  # layout kept: the attention's view of it stays a view
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    ref_grads = torch.autograd.grad(ref, [q, k], [gq, gk])
+    for a, b in zip(torch.autograd.grad(ours, [q, k], [gq, gk]), ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    # bf16: within a rounding (one rounding here, three in transformers')
+    qb, kb, cb, sb = (t.detach().bfloat16() for t in (q, k, cos, sin))
+    for a, b in zip(kernels.apply_rotary_pos_emb(qb, kb, cb, sb, _original=original), original(qb, kb, cb, sb)):
+        torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2 ** -7)
+    # not covered (fp32 tables for bf16 q, k): transformers' own function decides
+    mixed = kernels.apply_rotary_pos_emb(qb, kb, cos.float(), sin.float(), _original=original)
+    assert torch.equal(mixed[0], original(qb, kb, cos.float(), sin.float())[0])
+
+
+def test_patch_rotary_keeps_a_qwen2_models_logits_and_gradients():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers.models.qwen2 import modeling_qwen2
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).double()
+    ids = torch.randint(0, 64, (2, 11))
+    before = model(ids).logits
+    grads_before = torch.autograd.grad(before.square().sum(), list(model.parameters()))
+    original = modeling_qwen2.apply_rotary_pos_emb
+    try:
+        assert kernels.patch_rotary(model)
+        assert kernels.patch_rotary(model)  # idempotent: wraps the original once
+        assert modeling_qwen2.apply_rotary_pos_emb.keywords["_original"] is (
+            original.keywords["_original"] if hasattr(original, "keywords") else original)
+        after = model(ids).logits
+        grads_after = torch.autograd.grad(after.square().sum(), list(model.parameters()))
+    finally:
+        modeling_qwen2.apply_rotary_pos_emb = original
+    torch.testing.assert_close(after, before, atol=1e-12, rtol=1e-12)
+    for a, b in zip(grads_after, grads_before):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+    config = model.config
+    config.model_type = "gemma"  # a family it does not cover: nothing patched
+    assert not kernels.patch_rotary(model)

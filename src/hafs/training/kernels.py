@@ -11,6 +11,7 @@ passes over memory and fewer saved activations, which is what bounds a small mod
   keep only their masks.
 - `swiglu_mlp_forward`: Qwen2/Llama's MLP keeping gate and up for backward, not also silu(gate).
 - `rms_norm_forward`: Llama/Qwen RMSNorm without the fp32 copies of its input.
+- `apply_rotary_pos_emb`: Llama/Qwen rotary embedding of q and k as one node with two passes each.
 Attention has its own module (attention.py).
 """
 
@@ -218,6 +219,77 @@ def _rms_norm_function():
 def rms_norm_forward(self, hidden_states):
     """Forward for the RMS_NORMS classes with the leaner RMSNorm function."""
     return _rms_norm_function().apply(hidden_states, self.weight, self.variance_epsilon)
+
+
+# --------------------------------------------------------------------------- rotary embedding
+
+ROTARY_MODEL_TYPES = frozenset({"qwen2", "qwen3", "llama", "mistral", "qwen2_moe", "qwen3_moe", "mixtral"})
+"""Families whose modeling module's apply_rotary_pos_emb is q·cos + rotate_half(q)·sin over the whole head."""
+
+
+@functools.cache
+def _rotary_function():
+    import torch
+
+    def rotate(x, cos, sin, transpose: bool):
+        """x·cos + rotate_half(x)·sin, or its transpose (for the gradient), written half by half."""
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+        c1, c2, s1, s2 = cos[..., :half], cos[..., half:], sin[..., :half], sin[..., half:]
+        out = torch.empty_like(x)
+        o1, o2 = out[..., :half], out[..., half:]
+        if not transpose:  # [x1 c1 - x2 s1, x2 c2 + x1 s2]
+            torch.mul(x1, c1, out=o1).addcmul_(x2, s1, value=-1)
+            torch.mul(x2, c2, out=o2).addcmul_(x1, s2)
+        else:  # [g1 c1 + g2 s2, g2 c2 - g1 s1]
+            torch.mul(x1, c1, out=o1).addcmul_(x2, s2)
+            torch.mul(x2, c2, out=o2).addcmul_(x1, s1, value=-1)
+        return out
+
+    class Rotary(torch.autograd.Function):
+        """Rotary embedding of q and k in one node: two passes over each instead of transformers'
+        rotate_half copy, two products and a sum (and, in backward, their transposes plus the
+        zero-filled slice gradients)."""
+
+        @staticmethod
+        def forward(ctx, q, k, cos, sin):
+            ctx.save_for_backward(cos, sin)
+            return rotate(q, cos, sin, False), rotate(k, cos, sin, False)
+
+        @staticmethod
+        def backward(ctx, dq, dk):
+            cos, sin = ctx.saved_tensors
+            return (None if dq is None else rotate(dq, cos, sin, True),
+                    None if dk is None else rotate(dk, cos, sin, True), None, None)
+
+    return Rotary
+
+
+def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1, *, _original=None):
+    """transformers' apply_rotary_pos_emb (ROTARY_MODEL_TYPES) with the leaner Rotary node; the original
+    for anything it does not cover (mixed dtypes, partial rotary, gradients into cos/sin)."""
+    if (q.dtype != k.dtype or cos.dtype != q.dtype or sin.dtype != q.dtype or cos.requires_grad
+            or sin.requires_grad or cos.shape[-1] != q.shape[-1] or q.shape[-1] % 2 or k.shape[-1] != q.shape[-1]):
+        return _original(q, k, cos, sin, unsqueeze_dim)
+    return _rotary_function().apply(q, k, cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim))
+
+
+def patch_rotary(model) -> bool:
+    """Point the model's modeling module at apply_rotary_pos_emb above (process-wide, same values); True if done."""
+    import sys
+
+    if getattr(getattr(model, "config", None), "model_type", None) not in ROTARY_MODEL_TYPES:
+        return False
+    done = False
+    attention = {type(m).__module__ for m in model.modules() if type(m).__name__.endswith("Attention")}
+    for module in (sys.modules.get(name) for name in attention):
+        current = getattr(module, "apply_rotary_pos_emb", None)
+        if current is None:
+            continue
+        if not isinstance(current, functools.partial):  # not patched yet
+            module.apply_rotary_pos_emb = functools.partial(apply_rotary_pos_emb, _original=current)
+        done = True
+    return done
 
 
 def patch_model(model, *, lora: bool = True, swiglu: bool = True, rms_norm: bool = True) -> dict:

@@ -156,6 +156,8 @@ def prepare_for_training(model, settings: RunSettings) -> None:
                         module.lora_dropout[name] = FastDropout(drop.p)
     if settings.lean_kernels:
         kernels.patch_model(model, lora=True, swiglu=not settings.liger, rms_norm=settings.lean_rms_norm)
+    if settings.lean_rotary:
+        kernels.patch_rotary(model)
     if settings.gradient_checkpointing:
         # Non-reentrant: works with frozen embeddings (no enable_input_require_grads hack) and
         # with keyword arguments; reentrant checkpointing is deprecated in torch.

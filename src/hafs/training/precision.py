@@ -46,6 +46,8 @@ class RunSettings:
     """kernels.patch_model: leaner LoRA Linear and SwiGLU MLP forwards (same math, less memory traffic)."""
     lean_rms_norm: bool = False
     """kernels.rms_norm_forward for the model's RMSNorms (no fp32 copy of the input kept)."""
+    lean_rotary: bool = False
+    """kernels.patch_rotary: the rotary embedding of q and k as one autograd node (same values)."""
     cpu_allocator: str = "glibc"
     """CPU malloc: glibc as is, or "mmap" after memory.release_freed_memory() (see run_settings)."""
     liger: bool = False
@@ -220,6 +222,9 @@ def run_settings(plan, caps=None) -> RunSettings:
     # RMSNorm without the fp32 copies: 1.4x fwd + bwd on this CPU; not measured on GPUs (CUDA runs
     # Liger's fused RMSNorm when installed).
     s.lean_rms_norm = kind == "cpu"
+    # Rotary embedding as one node: transformers' makes a rotate_half copy, two products and a sum
+    # (and their transposes in backward). CPU only, as the RMSNorm: Liger has its own on CUDA.
+    s.lean_rotary = kind == "cpu"
     # glibc's allocator keeps freed activations in its heap and fragments (peak RSS 3.2 GB vs 1.8
     # GB live on the CPU benchmark); a fixed mmap threshold returns them but page-faults every big
     # allocation again (+11% CPU time at 1 MiB, +43% at 64 KiB). Speed first: glibc stays, and
