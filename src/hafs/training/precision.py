@@ -215,9 +215,10 @@ def run_settings(plan, caps=None) -> RunSettings:
     # against 1.35 ms for foreach (torch >= 2.4 has the CPU kernel; MPS's is left untried).
     s.fused_optimizer = kind in ("cuda", "cpu")
     # peft's LoRA keeps a dropped copy of the input per adapter and makes extra passes for the
-    # dropout rescale and `* scaling`; kernels.lora_forward computes the same sum keeping one
-    # shared input and bool masks, and the SwiGLU MLP does not keep silu(gate): 21% fewer saved
-    # activation bytes on the CPU benchmark at the same step time.
+    # dropout rescale and `* scaling`; kernels.lora_forward computes the same sum, with its frozen
+    # matmul, in one node keeping one shared input and byte masks (2% faster than peft's forward on
+    # the CPU benchmark, bench_levers.py), and the SwiGLU MLP does not keep silu(gate): 21% fewer
+    # saved activation bytes.
     s.lean_kernels = True
     # RMSNorm without the fp32 copies: 1.4x fwd + bwd on this CPU; not measured on GPUs (CUDA runs
     # Liger's fused RMSNorm when installed).

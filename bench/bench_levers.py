@@ -1,0 +1,153 @@
+"""Each CPU kernel lever of hafs on and off, in one process, in alternating rounds (issue 4).
+
+    python bench/bench_levers.py                   # all levers, issue 4's fixture (~10 min on 2 cores)
+    python bench/bench_levers.py --levers lora --rounds 12 --batches 12
+    python bench/bench_levers.py --tiny            # the toy fixture (~1 min)
+
+Why this exists: on a shared machine the speed of whole runs drifts by 10% and more within minutes
+(bench/README.md), more than most single levers gain, so two end-to-end runs cannot tell a 2% lever
+from noise. Here the model is loaded once; for each lever the same micro-batches (forward + backward,
+no optimizer step) run with the lever on and off, alternately, round after round, so drift hits
+both sides alike. The minimum over rounds is the least disturbed figure; the median shows the spread.
+
+Levers (kernels.py), each switched on its own with the others on:
+  lora      LoraLinear: the adapter and its frozen matmul as one autograd node (off: peft's forward)
+  rotary    the rotary embedding of q and k as one node (off: transformers' apply_rotary_pos_emb)
+  rms_norm  RMSNorm without fp32 copies (off: transformers' module)
+  swiglu    SwiGLU keeping gate and up only (off: transformers' MLP forward)
+Batching levers (padding-free rows, attention groups) change the batches themselves and are measured
+by bench_train.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_train  # noqa: E402  (the fixture and its config)
+
+LEVERS = ("lora", "rotary", "rms_norm", "swiglu")
+
+
+def load(spec, cache: Path):
+    """(model, settings, micro-batches of the first epoch) for the fixture, trained by hafs's own loader."""
+    from transformers import AutoTokenizer
+
+    from hafs.training import engine, hardware, model_loading, tokenize
+    from hafs.training.loader import load_config
+    from hafs.training.plan import resolve
+    from hafs.training.precision import run_settings
+
+    root = bench_train.build_fixture(spec, cache)
+    plan = resolve(load_config(bench_train.write_config(spec, root)), "bench", [])
+    tok = AutoTokenizer.from_pretrained(root / "model")
+    prepared = tokenize.prepare_data(plan, tok, log=lambda *a, **k: None)
+    settings = run_settings(plan, hardware.detect())
+    model, tok = model_loading.load_model_and_tokenizer(plan, settings.device, settings.precision, settings,
+                                                        log=lambda *a: None)
+    model = model_loading.apply_lora(model, plan, settings)
+    return model, settings, engine.BatchSource(prepared.train, plan, tok, settings)(0)
+
+
+def switch(model, lever: str, on: bool) -> None:
+    """Install (on) or remove (off) one lever; the patched forwards are instance attributes."""
+    from hafs.training import kernels
+
+    if lever == "rotary":
+        import functools
+        import sys as _sys
+
+        for name in {type(m).__module__ for m in model.modules() if type(m).__name__.endswith("Attention")}:
+            module = _sys.modules[name]
+            current = getattr(module, "apply_rotary_pos_emb", None)
+            if current is None:
+                continue
+            original = current.keywords["_original"] if isinstance(current, functools.partial) else current
+            module.apply_rotary_pos_emb = (functools.partial(kernels.apply_rotary_pos_emb, _original=original)
+                                           if on else original)
+        return
+    for module in model.modules():
+        if lever == "lora" and hasattr(module, "lora_A") and hasattr(module, "base_layer"):
+            target = kernels.lora_forward
+        elif lever == "rms_norm" and type(module).__name__ in kernels.RMS_NORMS:
+            target = kernels.rms_norm_forward
+        elif lever == "swiglu" and all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj")) \
+                and not hasattr(module, "lora_A"):
+            target = kernels.swiglu_mlp_forward
+        else:
+            continue
+        if on:
+            module.forward = types.MethodType(target, module)
+        else:
+            module.__dict__.pop("forward", None)  # back to the class's own forward
+
+
+def run(model, settings, batches) -> float:
+    """Seconds for forward + backward of `batches` (gradients dropped after)."""
+    import torch
+
+    from hafs.training.engine import plain_head
+    from hafs.training.loss import causal_lm_loss
+
+    torch.manual_seed(0)
+    dtype = settings.torch_dtype(settings.autocast_dtype) if settings.autocast_dtype else None
+    plain = plain_head(model)
+    start = time.perf_counter()
+    for b in batches:
+        with settings.autocast():
+            part, _ = causal_lm_loss(model, b, chunk_size=settings.loss_chunk_size, compute_dtype=dtype, plain=plain)
+        (part / 1000).backward()
+    seconds = time.perf_counter() - start
+    model.zero_grad(set_to_none=True)
+    return seconds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="the toy fixture")
+    ap.add_argument("--levers", default=",".join(LEVERS), help=f"comma-separated, from {', '.join(LEVERS)}")
+    ap.add_argument("--rounds", type=int, default=8, help="on/off pairs per lever")
+    ap.add_argument("--batches", type=int, default=12, help="micro-batches per timing, spread over the epoch")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    ap.add_argument("--cache", type=Path, default=bench_train.ROOT / ".cache" / "bench")
+    args = ap.parse_args()
+    levers = [x for x in args.levers.split(",") if x]
+    unknown = sorted(set(levers) - set(LEVERS))
+    if unknown:
+        ap.error(f"unknown lever(s) {', '.join(unknown)}; choose from {', '.join(LEVERS)}")
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    spec = bench_train.SPECS["tiny" if args.tiny else "cpu"]
+    model, settings, epoch = load(spec, args.cache.resolve())
+    if settings.device != "cpu":
+        sys.exit("bench_levers.py measures the CPU levers; this run resolved to " + settings.device)
+    model.train()
+    step = max(1, len(epoch) // args.batches)
+    batches = [epoch[i] for i in range(0, len(epoch), step)][:args.batches]
+    tokens = sum(int(b["input_ids"].numel()) for b in batches)
+    print(f"{len(batches)} micro-batches ({tokens:,} tokens) x {args.rounds} rounds per side, "
+          f"{torch.get_num_threads()} threads")
+    run(model, settings, batches)  # warm-up: first-call allocations and kernel choices
+    print(f"{'lever':10s} {'on (min / median s)':>22s} {'off (min / median s)':>22s}  on/off min  on/off median")
+    for lever in levers:
+        times = {True: [], False: []}
+        for _ in range(args.rounds):
+            for on in (True, False):
+                switch(model, lever, on)
+                times[on].append(run(model, settings, batches))
+        switch(model, lever, True)
+        on, off = times[True], times[False]
+        mid_on, mid_off = statistics.median(on), statistics.median(off)
+        print(f"{lever:10s} {min(on):10.3f} / {mid_on:7.3f}   {min(off):10.3f} / {mid_off:7.3f}   "
+              f"{min(on) / min(off):9.3f}  {mid_on / mid_off:12.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
