@@ -100,7 +100,8 @@ def run(model, settings, batches) -> float:
     start = time.perf_counter()
     for b in batches:
         with settings.autocast():
-            part, _ = causal_lm_loss(model, b, chunk_size=settings.loss_chunk_size, compute_dtype=dtype, plain=plain)
+            part, _ = causal_lm_loss(model, b, chunk_size=settings.loss_chunk_size, compute_dtype=dtype, plain=plain,
+                                     bf16_softmax=settings.bf16_loss_softmax)
         (part / 1000).backward()
     seconds = time.perf_counter() - start
     model.zero_grad(set_to_none=True)

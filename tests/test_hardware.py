@@ -285,3 +285,17 @@ def test_padding_free_batches_only_where_the_attention_keeps_examples_apart():
     assert run_settings(plan("cpu", packing=True), linux_cpu()).padding_free
     gpu = run_settings(plan("cuda"), with_gpu("NVIDIA A100", (8, 0), CU128, 40))
     assert not gpu.padding_free and "padding-free" not in gpu.describe()
+
+
+def test_cpu_only_kernel_choices_are_settled_in_run_settings():
+    from hafs.training.precision import run_settings
+
+    def plan(device, precision="bf16"):
+        return types.SimpleNamespace(device=device, precision=precision, packing=False, gradient_checkpointing=False)
+
+    cpu = run_settings(plan("cpu"), linux_cpu())
+    assert cpu.bf16_loss_softmax and cpu.lean_rotary and cpu.lean_rms_norm and cpu.fused_optimizer
+    # a CPU without fast bf16 trains in fp32: the loss keeps its fp32 softmax
+    assert not run_settings(plan("cpu"), linux_cpu(bf16=False)).bf16_loss_softmax
+    gpu = run_settings(plan("cuda"), with_gpu("NVIDIA A100", (8, 0), CU128, 40))
+    assert not (gpu.bf16_loss_softmax or gpu.lean_rotary or gpu.lean_rms_norm) and gpu.fused_optimizer

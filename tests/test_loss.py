@@ -137,7 +137,7 @@ def test_bf16_loss_path_matches_fp64_cross_entropy():
     h = (torch.randn(n, d, generator=g) * 2).bfloat16().requires_grad_()
     w = torch.randn(v, d, generator=g).bfloat16()
     t = torch.randint(0, v, (n,), generator=g)
-    ours = fused_linear_cross_entropy(h, w, t, chunk_size=16, compute_dtype=torch.bfloat16)
+    ours = fused_linear_cross_entropy(h, w, t, chunk_size=16, compute_dtype=torch.bfloat16, bf16_softmax=True)
     (grad_h,) = torch.autograd.grad(ours * 2.0, (h,))
     hd = h.detach().double().requires_grad_()
     ref = torch.nn.functional.cross_entropy(hd @ w.double().T, t, reduction="sum")

@@ -256,7 +256,8 @@ def train(model, optimizer, scheduler, batches, plan, state: TrainState | None =
                  if k in ("input_ids", "labels", "position_ids")}
             with settings.autocast():
                 part, _ = causal_lm_loss(model, b, chunk_size=settings.loss_chunk_size,
-                                         compute_dtype=compute_dtype, plain=plain)
+                                         compute_dtype=compute_dtype, plain=plain,
+                                         bf16_softmax=settings.bf16_loss_softmax)
             scaled = part / max(n_labelled, 1) if counts else part * 0.0
             (scaler.scale(scaled) if scaler else scaled).backward()
             if counts:

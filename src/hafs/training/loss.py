@@ -52,12 +52,14 @@ def select_labelled(hidden, labels):
 
 
 def fused_linear_cross_entropy(hidden, weight, targets, *, bias=None, chunk_size: int | None = None,
-                               compute_dtype=None):
+                               compute_dtype=None, bf16_softmax: bool = False):
     """sum_i CE(hidden[i] @ weight.T + bias, targets[i]), chunked; differentiable in hidden (and weight, bias).
 
     `compute_dtype` is the dtype of the two matmuls (default: the weight's); softmax arithmetic and the
-    sum are fp32 (for bf16, inside torch's softmax kernel, which writes bf16 probabilities). Gradients
-    are computed chunk by chunk in the forward pass when autograd needs them.
+    sum are fp32. `bf16_softmax` (RunSettings.bf16_loss_softmax; used with bf16 compute, no bias, when
+    gradients are needed) runs the softmax on the bf16 logits inside torch's kernel, which computes in
+    fp32 and writes bf16 probabilities. Gradients are computed chunk by chunk in the forward pass when
+    autograd needs them.
     """
     import torch
 
@@ -70,10 +72,10 @@ def fused_linear_cross_entropy(hidden, weight, targets, *, bias=None, chunk_size
     if not needs_grad:
         with torch.no_grad():
             return _chunks(hidden, weight, bias, targets, chunk, dtype, grads=False)[0]
-    return _make_function().apply(hidden, weight, bias, targets, chunk, dtype)
+    return _make_function().apply(hidden, weight, bias, targets, chunk, dtype, bf16_softmax)
 
 
-def _chunks(hidden, weight, bias, targets, chunk: int, dtype, grads: bool):
+def _chunks(hidden, weight, bias, targets, chunk: int, dtype, grads: bool, bf16_softmax: bool = False):
     """Loss sum, and the gradients of hidden / weight / bias when `grads`."""
     import torch
 
@@ -87,10 +89,9 @@ def _chunks(hidden, weight, bias, targets, chunk: int, dtype, grads: bool):
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start:start + chunk].to(dtype)
             t = targets[start:start + chunk]
-            if grads and dtype == torch.bfloat16 and bias is None and hidden.device.type == "cpu":
+            if grads and bf16_softmax and dtype == torch.bfloat16 and bias is None:
                 # bf16 logits straight into torch's softmax (fp32 arithmetic inside, bf16 out: the
-                # gradient's dtype) instead of an fp32 copy and five passes over it: 1.5-2.5x faster
-                # per chunk on this CPU (GPUs keep the fp32 path: not measured there). The log-sum-exp
+                # gradient's dtype) instead of an fp32 copy and five passes over it. The log-sum-exp
                 # comes from the probability of each row's largest logit, p_max = exp(max - lse) >=
                 # 1/vocab (never underflows): lse = max - log(p_max), within bf16's 2^-9 relative
                 # rounding of p_max (about 1e-5 relative on a mean loss of 11).
@@ -138,8 +139,9 @@ def _make_function():
         """Loss in forward with the gradients precomputed; backward scales them by the incoming grad."""
 
         @staticmethod
-        def forward(ctx, hidden, weight, bias, targets, chunk, dtype):
-            total, grad_h, grad_w, grad_b = _chunks(hidden, weight, bias, targets, chunk, dtype, grads=True)
+        def forward(ctx, hidden, weight, bias, targets, chunk, dtype, bf16_softmax):
+            total, grad_h, grad_w, grad_b = _chunks(hidden, weight, bias, targets, chunk, dtype, grads=True,
+                                                    bf16_softmax=bf16_softmax)
             ctx.save_for_backward(grad_h, grad_w, grad_b)
             ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
             return total
@@ -151,7 +153,7 @@ def _make_function():
             gh = None if grad_h is None else grad_h * g.to(grad_h.dtype)
             gw = None if grad_w is None else (grad_w * g).to(ctx.dtypes[0])
             gb = None if grad_b is None else (grad_b * g).to(ctx.dtypes[1])
-            return gh, gw, gb, None, None, None
+            return gh, gw, gb, None, None, None, None
 
     return FusedLinearCE
 
@@ -170,11 +172,13 @@ def plain_head(model) -> bool:
             and type(head) is torch.nn.Linear and not getattr(base.config, "final_logit_softcapping", None))
 
 
-def causal_lm_loss(model, batch: dict, *, chunk_size: int | None = None, compute_dtype=None, plain: bool | None = None):
+def causal_lm_loss(model, batch: dict, *, chunk_size: int | None = None, compute_dtype=None, plain: bool | None = None,
+                   bf16_softmax: bool = False):
     """(summed cross-entropy over labelled positions, number of them) for one micro-batch.
 
     `batch` holds input_ids, labels and position_ids (no attention mask: packed examples are kept
     apart through position_ids). The loss tensor is fp32; divide it by the step's token count.
+    `bf16_softmax`: see fused_linear_cross_entropy.
     """
     import torch
 
@@ -189,7 +193,7 @@ def causal_lm_loss(model, batch: dict, *, chunk_size: int | None = None, compute
         head = base.get_output_embeddings()
         h, targets = select_labelled(hidden, labels)
         loss = fused_linear_cross_entropy(h, head.weight, targets, bias=head.bias, chunk_size=chunk_size,
-                                          compute_dtype=compute_dtype or hidden.dtype)
+                                          compute_dtype=compute_dtype or hidden.dtype, bf16_softmax=bf16_softmax)
         return loss, n
     logits = model(**inputs, use_cache=False).logits
     h, targets = select_labelled(logits, labels)
