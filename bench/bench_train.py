@@ -520,6 +520,26 @@ def bf16_matmul_rate(device: str, threads: int) -> float:
     return best
 
 
+def copy_rate(device: str, numel: int, reps: int) -> float:
+    """Bytes/s read + written by copying a bf16 tensor of `numel` elements (memory or cache bandwidth).
+
+    Printed beside the matmul probe because the hafs row spends a third of its time in memory passes
+    around its GEMMs. (On 2026-11-26 neither probe followed the machine's drift: bench/README.md.)"""
+    import torch
+
+    x = torch.ones(numel, dtype=torch.bfloat16, device=device)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        y.copy_(x)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return 4 * numel * reps / (time.perf_counter() - t0)
+
+
 def run_row(row: str, spec: Spec, root: Path, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", row, "--spec", spec.name, "--threads", str(args.threads),
            "--cache", str(args.cache), "--steps", str(args.steps), "--earlier-steps", str(args.earlier_steps)] + [
@@ -604,6 +624,8 @@ def main() -> None:
     print(f"machine: {_machine(device)}; load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}; "
           f"{args.threads} threads per row")
     peak = bf16_matmul_rate(device, args.threads)
+    print(f"probes: bf16 matmul {peak / 1e9:,.0f} GFLOP/s; bf16 copy {copy_rate(device, 128 << 20, 5) / 1e9:.1f} GB/s "
+          f"(256 MiB), {copy_rate(device, 1 << 20, 2000) / 1e9:.0f} GB/s (2 MiB, in cache)", flush=True)
     results, longest = [], 0.0
     for row in rows:
         left = args.budget - (time.time() - started) if args.budget else float("inf")
