@@ -25,7 +25,6 @@ import argparse
 import statistics
 import sys
 import time
-import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -55,36 +54,24 @@ def load(spec, cache: Path):
 
 
 def switch(model, lever: str, on: bool) -> None:
-    """Install (on) or remove (off) one lever; the patched forwards are instance attributes."""
+    """Install (on, with kernels' own patch functions) or remove (off) one lever."""
     from hafs.training import kernels
 
     if lever == "rotary":
-        import functools
-        import sys as _sys
-
-        for name in {type(m).__module__ for m in model.modules() if type(m).__name__.endswith("Attention")}:
-            module = _sys.modules[name]
-            current = getattr(module, "apply_rotary_pos_emb", None)
-            if current is None:
-                continue
-            original = current.keywords["_original"] if isinstance(current, functools.partial) else current
-            module.apply_rotary_pos_emb = (functools.partial(kernels.apply_rotary_pos_emb, _original=original)
-                                           if on else original)
+        kernels.patch_rotary(model)
+        if not on:
+            for module in kernels.rotary_modules(model):
+                module.apply_rotary_pos_emb = module.apply_rotary_pos_emb.keywords["_original"]
         return
+    if on:
+        kernels.patch_model(model, lora=lever == "lora", swiglu=lever == "swiglu", rms_norm=lever == "rms_norm")
+        return
+    target = {"lora": kernels.lora_forward, "swiglu": kernels.swiglu_mlp_forward,
+              "rms_norm": kernels.rms_norm_forward}[lever]
     for module in model.modules():
-        if lever == "lora" and hasattr(module, "lora_A") and hasattr(module, "base_layer"):
-            target = kernels.lora_forward
-        elif lever == "rms_norm" and type(module).__name__ in kernels.RMS_NORMS:
-            target = kernels.rms_norm_forward
-        elif lever == "swiglu" and all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj")) \
-                and not hasattr(module, "lora_A"):
-            target = kernels.swiglu_mlp_forward
-        else:
-            continue
-        if on:
-            module.forward = types.MethodType(target, module)
-        else:
-            module.__dict__.pop("forward", None)  # back to the class's own forward
+        forward = module.__dict__.get("forward")
+        if getattr(forward, "__func__", None) is target:
+            del module.forward  # back to the class's own forward
 
 
 def run(model, settings, batches) -> float:

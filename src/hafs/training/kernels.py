@@ -106,7 +106,7 @@ def _lora_function():
             da = (dh.t() @ (x2 * keep if keep is not None else x2)).to(a.dtype)
             dx = None
             if ctx.needs_input_grad[0]:
-                dx = g2 @ weight.to(dtype)
+                dx = g2 @ weight  # already in the compute dtype (lora_forward)
                 if keep is None:
                     dx.addmm_(dh, a.to(dtype))
                 else:
@@ -274,22 +274,24 @@ def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1, *, _original=None):
     return _rotary_function().apply(q, k, cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim))
 
 
-def patch_rotary(model) -> bool:
-    """Point the model's modeling module at apply_rotary_pos_emb above (process-wide, same values); True if done."""
+def rotary_modules(model) -> list:
+    """The modeling modules whose apply_rotary_pos_emb `model`'s attention layers call (ROTARY_MODEL_TYPES)."""
     import sys
 
     if getattr(getattr(model, "config", None), "model_type", None) not in ROTARY_MODEL_TYPES:
-        return False
-    done = False
-    attention = {type(m).__module__ for m in model.modules() if type(m).__name__.endswith("Attention")}
-    for module in (sys.modules.get(name) for name in attention):
-        current = getattr(module, "apply_rotary_pos_emb", None)
-        if current is None:
-            continue
+        return []
+    names = {type(m).__module__ for m in model.modules() if type(m).__name__.endswith("Attention")}
+    return [sys.modules[n] for n in sorted(names) if hasattr(sys.modules.get(n), "apply_rotary_pos_emb")]
+
+
+def patch_rotary(model) -> bool:
+    """Point the model's modeling module at apply_rotary_pos_emb above (process-wide, same values); True if done."""
+    modules = rotary_modules(model)
+    for module in modules:
+        current = module.apply_rotary_pos_emb
         if not isinstance(current, functools.partial):  # not patched yet
             module.apply_rotary_pos_emb = functools.partial(apply_rotary_pos_emb, _original=current)
-        done = True
-    return done
+    return bool(modules)
 
 
 def patch_model(model, *, lora: bool = True, swiglu: bool = True, rms_norm: bool = True) -> dict:
