@@ -8,13 +8,15 @@ Why this exists: on a shared machine the speed of whole runs drifts by 10% and m
 (bench/README.md), more than most single levers gain, so two end-to-end runs cannot tell a 2% lever
 from noise. Here the model is loaded once; for each lever the same micro-batches (forward + backward,
 no optimizer step) run with the lever on and off, alternately, round after round, so drift hits
-both sides alike. The minimum over rounds is the least disturbed figure; the median shows the spread.
+both sides alike. The minimum over rounds is the least disturbed figure; the median shows the spread;
+the median of each round's on/off ratio (its two runs back to back) is the steadiest of the three.
 
 Levers (kernels.py), each switched on its own with the others on:
   lora      LoraLinear: the adapter and its frozen matmul as one autograd node (off: peft's forward)
   rotary    the rotary embedding of q and k as one node (off: transformers' apply_rotary_pos_emb)
   rms_norm  RMSNorm without fp32 copies (off: transformers' module)
   swiglu    SwiGLU keeping gate and up only (off: transformers' MLP forward)
+  packed    frozen weights pre-packed for oneDNN (packed_linear; off: plain F.linear, repacked per call)
 Batching levers (padding-free rows, attention groups) change the batches themselves and are measured
 by bench_train.py.
 """
@@ -30,7 +32,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_train  # noqa: E402  (the fixture and its config)
 
-LEVERS = ("lora", "rotary", "rms_norm", "swiglu")
+LEVERS = ("lora", "rotary", "rms_norm", "swiglu", "packed")
+_packed: dict = {}  # model id -> the open packed_weights context while the "packed" lever is on
 
 
 def load(spec, cache: Path):
@@ -55,8 +58,15 @@ def load(spec, cache: Path):
 
 def switch(model, lever: str, on: bool) -> None:
     """Install (on, with kernels' own patch functions) or remove (off) one lever."""
-    from hafs.training import kernels
+    from hafs.training import kernels, packed_linear
 
+    if lever == "packed":
+        if on and id(model) not in _packed:
+            _packed[id(model)] = context = packed_linear.packed_weights(model)
+            context.__enter__()
+        elif not on and id(model) in _packed:
+            _packed.pop(id(model)).__exit__(None, None, None)
+        return
     if lever == "rotary":
         kernels.patch_rotary(model)
         if not on:
@@ -117,13 +127,15 @@ def main() -> None:
     if settings.device != "cpu":
         sys.exit("bench_levers.py measures the CPU levers; this run resolved to " + settings.device)
     model.train()
+    switch(model, "packed", True)  # as engine.train has it: the other levers are measured with it on
     step = max(1, len(epoch) // args.batches)
     batches = [epoch[i] for i in range(0, len(epoch), step)][:args.batches]
     tokens = sum(int(b["input_ids"].numel()) for b in batches)
     print(f"{len(batches)} micro-batches ({tokens:,} tokens) x {args.rounds} rounds per side, "
           f"{torch.get_num_threads()} threads")
     run(model, settings, batches)  # warm-up: first-call allocations and kernel choices
-    print(f"{'lever':10s} {'on (min / median s)':>22s} {'off (min / median s)':>22s}  on/off min  on/off median")
+    print(f"{'lever':10s} {'on (min / median s)':>22s} {'off (min / median s)':>22s}  on/off min  on/off median"
+          "  paired median")
     for lever in levers:
         times = {True: [], False: []}
         for _ in range(args.rounds):
@@ -133,8 +145,10 @@ def main() -> None:
         switch(model, lever, True)
         on, off = times[True], times[False]
         mid_on, mid_off = statistics.median(on), statistics.median(off)
+        # Each round's on/off pair ran back to back: the median of their ratios is the least drift-prone.
+        paired = statistics.median(a / b for a, b in zip(on, off))
         print(f"{lever:10s} {min(on):10.3f} / {mid_on:7.3f}   {min(off):10.3f} / {mid_off:7.3f}   "
-              f"{min(on) / min(off):9.3f}  {mid_on / mid_off:12.3f}", flush=True)
+              f"{min(on) / min(off):9.3f}  {mid_on / mid_off:12.3f}  {paired:13.3f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -290,12 +290,17 @@ def test_padding_free_batches_only_where_the_attention_keeps_examples_apart():
 def test_cpu_only_kernel_choices_are_settled_in_run_settings():
     from hafs.training.precision import run_settings
 
-    def plan(device, precision="bf16"):
-        return types.SimpleNamespace(device=device, precision=precision, packing=False, gradient_checkpointing=False)
+    def plan(device, precision="bf16", distributed=None):
+        return types.SimpleNamespace(device=device, precision=precision, packing=False, gradient_checkpointing=False,
+                                     hardware=types.SimpleNamespace(distributed=distributed))
 
     cpu = run_settings(plan("cpu"), linux_cpu())
     assert cpu.bf16_loss_softmax and cpu.lean_rotary and cpu.lean_rms_norm and cpu.fused_optimizer
-    # a CPU without fast bf16 trains in fp32: the loss keeps its fp32 softmax
-    assert not run_settings(plan("cpu"), linux_cpu(bf16=False)).bf16_loss_softmax
+    assert cpu.packed_weights
+    # a CPU without fast bf16 trains in fp32: the loss keeps its fp32 softmax, the weights stay unpacked
+    fp32 = run_settings(plan("cpu"), linux_cpu(bf16=False))
+    assert not fp32.bf16_loss_softmax and not fp32.packed_weights
+    assert not run_settings(plan("cpu", distributed="fsdp"), linux_cpu()).packed_weights  # sharded layers
     gpu = run_settings(plan("cuda"), with_gpu("NVIDIA A100", (8, 0), CU128, 40))
-    assert not (gpu.bf16_loss_softmax or gpu.lean_rotary or gpu.lean_rms_norm) and gpu.fused_optimizer
+    assert not (gpu.bf16_loss_softmax or gpu.lean_rotary or gpu.lean_rms_norm or gpu.packed_weights)
+    assert gpu.fused_optimizer

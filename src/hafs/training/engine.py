@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 from .errors import Problem, TrainingError
 from .loss import IGNORE_INDEX, causal_lm_loss, count_labelled, plain_head
+from .packed_linear import packed_weights
 from .precision import RunSettings, run_settings
 from .progress import ProgressPrinter
 
@@ -234,93 +235,96 @@ def train(model, optimizer, scheduler, batches, plan, state: TrainState | None =
     last_mark = session_start
     window: list[float] = []
     epoch_batches = batches(state.epoch)
-    while state.step < state.total_steps:
-        if state.micro_batch >= len(epoch_batches):
-            state.epoch, state.micro_batch = state.epoch + 1, 0
-            epoch_batches = batches(state.epoch)
-            continue
-        span = range(state.micro_batch, min(state.micro_batch + plan.gradient_accumulation * dist.world_size,
-                                            len(epoch_batches)))
-        group = [epoch_batches[i] for i in span[dist.rank::dist.world_size]]
-        n_labelled, step_tokens = dist.all_reduce_sum([sum(count_labelled(b["labels"]) for b in group),
-                                                       sum(real_tokens(b) for b in group)])
-        loss_sum = torch.zeros((), dtype=torch.float32, device=device)
-        real = len(group)
-        if dist.fsdp and real < -(-len(span) // dist.world_size):
-            # Sharded layers all-gather in every forward and backward: a rank short of micro-batches
-            # must still take part, with one that counts for nothing.
-            group = group + [epoch_batches[span[0]]]
-        for i, b in enumerate(group):
-            counts = i < real
-            b = {k: v.to(device, non_blocking=True) for k, v in trim_batch(b, multiple).items()
-                 if k in ("input_ids", "labels", "position_ids")}
-            with settings.autocast():
-                part, _ = causal_lm_loss(model, b, chunk_size=settings.loss_chunk_size,
-                                         compute_dtype=compute_dtype, plain=plain,
-                                         bf16_softmax=settings.bf16_loss_softmax)
-            scaled = part / max(n_labelled, 1) if counts else part * 0.0
-            (scaler.scale(scaled) if scaler else scaled).backward()
-            if counts:
-                loss_sum += part.detach()
-        dist.all_reduce_grads(params)
-        dist.all_reduce_sum(loss_sum)
-        loss = loss_sum.item() / max(n_labelled, 1)
-        if not math.isfinite(loss):
-            raise non_finite_loss(loss, state, plan, settings)
-        if scaler:
-            scaler.unscale_(optimizer)
-        grad_norm = None
-        if plan.max_grad_norm and plan.max_grad_norm > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, plan.max_grad_norm))
-            if not math.isfinite(grad_norm) and scaler is None:
-                raise non_finite_loss(grad_norm, state, plan, settings, what="gradient norm")
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        state.lr = float(optimizer.param_groups[0]["lr"])
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+    # Frozen weights packed for oneDNN for the loop only (packed_linear): freed before anything after
+    # training (merge, export) could change the weights under them.
+    with packed_weights(model, settings.packed_weights):
+        while state.step < state.total_steps:
+            if state.micro_batch >= len(epoch_batches):
+                state.epoch, state.micro_batch = state.epoch + 1, 0
+                epoch_batches = batches(state.epoch)
+                continue
+            span = range(state.micro_batch, min(state.micro_batch + plan.gradient_accumulation * dist.world_size,
+                                                len(epoch_batches)))
+            group = [epoch_batches[i] for i in span[dist.rank::dist.world_size]]
+            n_labelled, step_tokens = dist.all_reduce_sum([sum(count_labelled(b["labels"]) for b in group),
+                                                           sum(real_tokens(b) for b in group)])
+            loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+            real = len(group)
+            if dist.fsdp and real < -(-len(span) // dist.world_size):
+                # Sharded layers all-gather in every forward and backward: a rank short of micro-batches
+                # must still take part, with one that counts for nothing.
+                group = group + [epoch_batches[span[0]]]
+            for i, b in enumerate(group):
+                counts = i < real
+                b = {k: v.to(device, non_blocking=True) for k, v in trim_batch(b, multiple).items()
+                     if k in ("input_ids", "labels", "position_ids")}
+                with settings.autocast():
+                    part, _ = causal_lm_loss(model, b, chunk_size=settings.loss_chunk_size,
+                                             compute_dtype=compute_dtype, plain=plain,
+                                             bf16_softmax=settings.bf16_loss_softmax)
+                scaled = part / max(n_labelled, 1) if counts else part * 0.0
+                (scaler.scale(scaled) if scaler else scaled).backward()
+                if counts:
+                    loss_sum += part.detach()
+            dist.all_reduce_grads(params)
+            dist.all_reduce_sum(loss_sum)
+            loss = loss_sum.item() / max(n_labelled, 1)
+            if not math.isfinite(loss):
+                raise non_finite_loss(loss, state, plan, settings)
+            if scaler:
+                scaler.unscale_(optimizer)
+            grad_norm = None
+            if plan.max_grad_norm and plan.max_grad_norm > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, plan.max_grad_norm))
+                if not math.isfinite(grad_norm) and scaler is None:
+                    raise non_finite_loss(grad_norm, state, plan, settings, what="gradient norm")
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            state.lr = float(optimizer.param_groups[0]["lr"])
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
 
-        state.step += 1
-        state.micro_batch += len(span)
-        state.tokens += step_tokens
-        session_tokens += step_tokens
-        state.loss_history.append([state.step, loss])
-        window.append(loss)
-        end_of_epoch = state.micro_batch >= len(epoch_batches)
-        train_seconds = time.perf_counter() - session_start - eval_seconds
-        metrics = {"loss": loss, "lr": state.lr, "grad_norm": grad_norm, "epoch": state.epoch + (
-            state.micro_batch / max(1, len(epoch_batches))), "tokens": state.tokens,
-            "tokens_per_second": session_tokens / max(train_seconds, 1e-9)}
-        hooks.call("on_step", state, metrics)
-        if progress:
-            progress.update(state, metrics, train_seconds)
-        if state.step % plan.logging_steps == 0 or state.step == state.total_steps:
-            log_metrics = dict(metrics, loss=sum(window) / len(window))
-            window = []
+            state.step += 1
+            state.micro_batch += len(span)
+            state.tokens += step_tokens
+            session_tokens += step_tokens
+            state.loss_history.append([state.step, loss])
+            window.append(loss)
+            end_of_epoch = state.micro_batch >= len(epoch_batches)
+            train_seconds = time.perf_counter() - session_start - eval_seconds
+            metrics = {"loss": loss, "lr": state.lr, "grad_norm": grad_norm, "epoch": state.epoch + (
+                state.micro_batch / max(1, len(epoch_batches))), "tokens": state.tokens,
+                "tokens_per_second": session_tokens / max(train_seconds, 1e-9)}
+            hooks.call("on_step", state, metrics)
             if progress:
-                progress.log(state, log_metrics, train_seconds)
-            hooks.call("on_log", state, log_metrics)
-        if eval_fn is not None and ((plan.eval_strategy == "steps" and state.step % eval_every == 0)
-                                    or (plan.eval_strategy == "epoch" and end_of_epoch)):
-            t0 = time.perf_counter()
-            value = _eval_value(eval_fn(model))
-            model.train()
-            eval_seconds += time.perf_counter() - t0
-            state.eval_history.append([state.step, value])
-            if progress:
-                progress.note(f"step {state.step}: val loss {value:.4f}")
-            hooks.call("on_eval", state, {"eval_loss": value, "epoch": metrics["epoch"]})
-        now = time.perf_counter()
-        state.elapsed_seconds += now - last_mark
-        last_mark = now
-        if plan.save_steps and state.step % plan.save_steps == 0 and state.step < state.total_steps:
-            hooks.call("on_save", state)
-        if hooks.should_stop is not None and hooks.should_stop():
-            state.stop_reason = "stopped"
-            break
+                progress.update(state, metrics, train_seconds)
+            if state.step % plan.logging_steps == 0 or state.step == state.total_steps:
+                log_metrics = dict(metrics, loss=sum(window) / len(window))
+                window = []
+                if progress:
+                    progress.log(state, log_metrics, train_seconds)
+                hooks.call("on_log", state, log_metrics)
+            if eval_fn is not None and ((plan.eval_strategy == "steps" and state.step % eval_every == 0)
+                                        or (plan.eval_strategy == "epoch" and end_of_epoch)):
+                t0 = time.perf_counter()
+                value = _eval_value(eval_fn(model))
+                model.train()
+                eval_seconds += time.perf_counter() - t0
+                state.eval_history.append([state.step, value])
+                if progress:
+                    progress.note(f"step {state.step}: val loss {value:.4f}")
+                hooks.call("on_eval", state, {"eval_loss": value, "epoch": metrics["epoch"]})
+            now = time.perf_counter()
+            state.elapsed_seconds += now - last_mark
+            last_mark = now
+            if plan.save_steps and state.step % plan.save_steps == 0 and state.step < state.total_steps:
+                hooks.call("on_save", state)
+            if hooks.should_stop is not None and hooks.should_stop():
+                state.stop_reason = "stopped"
+                break
     if progress:
         progress.finish()
     if not state.stop_reason:

@@ -79,7 +79,11 @@ def _chunks(hidden, weight, bias, targets, chunk: int, dtype, grads: bool, bf16_
     """Loss sum, and the gradients of hidden / weight / bias when `grads`."""
     import torch
 
+    from .packed_linear import linear, linear_input_grad, packs_for
+
     w = weight.to(dtype)
+    # The head's pre-packed copies inside a training run (packed_linear), when they are what w holds.
+    packs = packs_for(weight) if dtype == weight.dtype == torch.bfloat16 and bias is None else None
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     grad_h = torch.empty_like(hidden) if grads and hidden.requires_grad else None
     grad_w = torch.zeros_like(weight, dtype=torch.float32) if grads and weight.requires_grad else None
@@ -95,13 +99,16 @@ def _chunks(hidden, weight, bias, targets, chunk: int, dtype, grads: bool, bf16_
                 # comes from the probability of each row's largest logit, p_max = exp(max - lse) >=
                 # 1/vocab (never underflows): lse = max - log(p_max), within bf16's 2^-9 relative
                 # rounding of p_max (about 1e-5 relative on a mean loss of 11).
-                logits = h @ w.T
+                logits = linear(h, packs) if packs else h @ w.T
                 peak, top = logits.max(dim=1, keepdim=True)
                 probs = torch.softmax(logits, dim=1)
                 lse = peak.float() - probs.gather(1, top).float().log()
                 total += (lse - logits.gather(1, t[:, None]).float()).sum()
                 probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
-                _chunk_grads(probs, h, w, hidden, grad_h, grad_w, start, chunk)
+                if packs and grad_w is None:
+                    grad_h[start:start + chunk] = linear_input_grad(probs, packs).to(hidden.dtype)
+                else:
+                    _chunk_grads(probs, h, w, hidden, grad_h, grad_w, start, chunk)
                 continue
             logits = (h @ w.T).float()
             if bias is not None:

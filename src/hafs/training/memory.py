@@ -157,8 +157,9 @@ class MemoryEstimate:
         s = self.settings
         shards = s.get("weight_shards", 1)
         sharded = f", layers sharded over {shards} workers" if shards > 1 else ""
+        packed = " + 2 packed copies of the linears" if s.get("packed_weights") else ""
         rows = [("frozen weights", self.weights_gb, (f"{s.get('parameters', 0) / 1e6:,.0f}M params in "
-                                                    f"{s.get('precision', '')}{sharded}")),
+                                                    f"{s.get('precision', '')}{sharded}{packed}")),
                 ("LoRA params+grads+AdamW", self.lora_gb, f"{s.get('lora_parameters', 0) / 1e6:,.2f}M params, fp32"),
                 ("activations", self.activations_gb, f"{s.get('tokens', 0):,} tokens, attention {s.get('attn_impl')}"
                  + (", checkpointed" if s.get("gradient_checkpointing") else "")),
@@ -211,7 +212,7 @@ def estimate_memory(model_config, *, sequence_length: int, batch_size: int, lora
                     labelled_fraction: float = 1.0, autocast: bool | None = None,
                     dropout_mask_bytes: int | None = None, lora_input_cast: bool = True,
                     lean_kernels: bool = False, lean_rms_norm: bool = False, cpu_allocator: str = "glibc",
-                    weight_shards: int = 1) -> MemoryEstimate:
+                    weight_shards: int = 1, packed_weights: bool = False) -> MemoryEstimate:
     """Predict the peak memory of LoRA training; see the module docstring for what each term counts.
 
     `model_config` is a config.json dict (or a ModelShape). `labelled_fraction` is the share of tokens
@@ -223,6 +224,7 @@ def estimate_memory(model_config, *, sequence_length: int, batch_size: int, lora
     `loss_chunk_tokens` defaults to the trainer's rule (loss.default_chunk_size). `cpu_allocator`:
     "glibc" (the default malloc) or "mmap" (after `release_freed_memory()`).
     `weight_shards`: workers the decoder layers are sharded over (distributed = "fsdp"); per worker.
+    `packed_weights`: packed_linear's two extra copies of every frozen Linear weight and the LM head.
     """
     inputs = {k: v for k, v in locals().items() if k != "model_config"}
     if attn_impl not in ATTN_IMPLS:
@@ -244,6 +246,9 @@ def estimate_memory(model_config, *, sequence_length: int, batch_size: int, lora
         # layer being computed and the next one prefetched, whole; embeddings and head replicated.
         layer = shape.layer_parameter_count()
         weights = (params - shape.layers * layer + shape.layers * layer / weight_shards + 2 * layer) * act
+    if packed_weights:
+        linear = shape.layers * sum(i * o for i, o in dims.values()) + shape.vocab * h
+        weights += 2 * linear * act
     lora = lora_params * 16  # fp32 param + grad + AdamW exp_avg + exp_avg_sq
 
     if dropout_mask_bytes is None:  # CPU/MPS dropout multiplies by a mask in the input's dtype; CUDA's is bytes
@@ -306,7 +311,7 @@ def estimate_memory(model_config, *, sequence_length: int, batch_size: int, lora
                     "packing": bool(packing), "loss_chunk": chunk, "vocab": shape.vocab, "device_kind": device,
                     "lora_r": lora_r, "lora_targets": targets, "runtime_note": runtime_note,
                     "cpu_allocator": cpu_allocator if device == "cpu" else "", "saved_bytes": saved,
-                    "weight_shards": int(weight_shards)}
+                    "weight_shards": int(weight_shards), "packed_weights": bool(packed_weights)}
     return MemoryEstimate(weights_gb=weights / GIB, lora_gb=lora / GIB, activations_gb=activations / GIB,
                           logits_gb=logits / GIB, overhead_gb=overhead / GIB, runtime_gb=RUNTIME_GB[device],
                           settings=settings, inputs=inputs, shape=shape)

@@ -50,6 +50,8 @@ class RunSettings:
     """kernels.rms_norm_forward for the model's RMSNorms (no fp32 copy of the input kept)."""
     lean_rotary: bool = False
     """kernels.patch_rotary: the rotary embedding of q and k as one autograd node (same values)."""
+    packed_weights: bool = False
+    """Frozen bf16 Linear weights pre-packed for oneDNN during training (packed_linear; CPU, costs 2 copies)."""
     cpu_allocator: str = "glibc"
     """CPU malloc: glibc as is, or "mmap" after memory.release_freed_memory() (see run_settings)."""
     liger: bool = False
@@ -231,6 +233,12 @@ def run_settings(plan, caps=None) -> RunSettings:
     # Rotary embedding as one node: transformers' makes a rotate_half copy, two products and a sum
     # (and their transposes in backward). CPU only, as the RMSNorm: Liger has its own on CUDA.
     s.lean_rotary = kind == "cpu"
+    # A CPU bf16 matmul reorders its plain weight into oneDNN's blocked layout on every call, forward
+    # and backward; the frozen weights are packed once per run instead (packed_linear): 3-5% per
+    # step on this CPU, bit-identical, for two copies of those weights while the run lasts
+    # (memory_check drops it when they would not fit). Not with fsdp: its layers are sharded.
+    s.packed_weights = (kind == "cpu" and s.weight_dtype == "bfloat16"
+                        and getattr(getattr(plan, "hardware", None), "distributed", None) != "fsdp")
     # glibc's allocator keeps freed activations in its heap and fragments (peak RSS 3.2 GB vs 1.8
     # GB live on the CPU benchmark); a fixed mmap threshold returns them but page-faults every big
     # allocation again (+11% CPU time at 1 MiB, +43% at 64 KiB). Speed first: glibc stays, and

@@ -1,0 +1,116 @@
+"""Frozen bf16 Linear weights pre-packed for oneDNN while training on a CPU (RunSettings.packed_weights).
+
+A bf16 `F.linear` on the CPU hands oneDNN a plain row-major weight, which it reorders into its
+blocked layout on every call, forward and backward (the input gradient `g @ W` reorders W again).
+The base model is frozen, so `packed_weights(model)` reorders each frozen Linear's weight once, in
+both orientations, for the length of a training run; forward and input-gradient matmuls then read
+the packed copies (torch.ops.mkldnn._linear_pointwise, the kernel inductor uses after freezing).
+Bit-identical results; on this CPU 1-14% faster per matmul at 100-2,000 tokens, 3-5% per training
+step (bench/bench_levers.py, lever "packed"). The price is two more copies of those weights while
+the run lasts (memory.estimate_memory counts them; memory_check drops packing before a plan would
+not fit). They are freed when the run ends, so nothing after training (merging the adapter into
+the weights, export) can meet a stale copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+PACK_ROWS_HINT = 512
+"""Rows per matmul oneDNN is told to expect when packing (512-2,048 measured alike)."""
+_packs: dict[int, tuple] = {}
+# id(weight) -> (weight, data_ptr, forward pack, transposed pack); filled only inside packed_weights().
+
+
+def packable(weight) -> bool:
+    """A frozen, plain (not sharded or subclassed), contiguous bf16 CPU matrix."""
+    import torch
+
+    return (type(weight) is torch.nn.Parameter or type(weight) is torch.Tensor) and weight.dtype == torch.bfloat16 \
+        and weight.device.type == "cpu" and weight.dim() == 2 and not weight.requires_grad and weight.is_contiguous()
+
+
+def packs_for(weight):
+    """(forward pack, transposed pack) of `weight` inside packed_weights(), if it still holds the same memory."""
+    entry = _packs.get(id(weight))
+    if entry is None or entry[0] is not weight or entry[1] != weight.data_ptr():
+        return None
+    return entry[2], entry[3]
+
+
+@contextlib.contextmanager
+def packed_weights(model, enabled: bool = True):
+    """Pack the frozen bf16 Linear weights of `model` for the duration of the block (see the module doc)."""
+    if not enabled:
+        yield 0
+        return
+    import types
+
+    import torch
+
+    reorder = torch.ops.mkldnn._reorder_linear_weight
+    patched, created = [], []
+    try:
+        for module in model.modules():
+            weight = getattr(module, "weight", None)
+            if type(module) is not torch.nn.Linear or not packable(weight) or id(weight) in _packs:
+                continue
+            detached = weight.detach()
+            _packs[id(weight)] = (weight, weight.data_ptr(), reorder(detached, PACK_ROWS_HINT),
+                                  reorder(detached.t().contiguous(), PACK_ROWS_HINT))
+            created.append(id(weight))
+            if "forward" not in module.__dict__:  # a plain Linear called directly (not through a LoRA layer)
+                module.forward = types.MethodType(frozen_linear_forward, module)
+                patched.append(module)
+        yield len(patched)
+    finally:
+        for module in patched:
+            if module.__dict__.get("forward") is not None:
+                del module.forward
+        for key in created:
+            _packs.pop(key, None)
+
+
+def frozen_linear_forward(self, x):
+    """nn.Linear.forward through the packed weights when they apply; the plain forward otherwise."""
+    import torch
+
+    packs = packs_for(self.weight)
+    if packs is None or x.dtype != torch.bfloat16 or x.device.type != "cpu" or self.weight.requires_grad \
+            or (self.bias is not None and (self.bias.requires_grad or self.bias.dtype != x.dtype)):
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+    return _frozen_linear_function().apply(x, self.bias, packs)
+
+
+def linear(x, packs, bias=None):
+    """x Wᵀ + bias through W's forward pack (no autograd)."""
+    import torch
+
+    return torch.ops.mkldnn._linear_pointwise(x, packs[0], bias, "none", [], "")
+
+
+def linear_input_grad(grad, packs):
+    """grad W (the input gradient of x Wᵀ) through W's transposed pack (no autograd)."""
+    import torch
+
+    return torch.ops.mkldnn._linear_pointwise(grad.contiguous(), packs[1], None, "none", [], "")
+
+
+@functools.cache
+def _frozen_linear_function():
+    import torch
+
+    class FrozenLinear(torch.autograd.Function):
+        """x Wᵀ + b for a frozen W and b: only the input gradient, from the transposed pack."""
+
+        @staticmethod
+        def forward(ctx, x, bias, packs):
+            ctx.packs = packs
+            return linear(x, packs, bias)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return linear_input_grad(grad.to(torch.bfloat16), ctx.packs), None, None
+
+    return FrozenLinear

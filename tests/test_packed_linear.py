@@ -1,0 +1,151 @@
+"""Pre-packed frozen weights (packed_linear): the same numbers, only inside the training run, counted in memory."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch on one thread
+
+from hafs.training import kernels, packed_linear  # noqa: E402
+from hafs.training.loss import causal_lm_loss  # noqa: E402
+from hafs.training.memory import estimate_memory  # noqa: E402
+from hafs.training.memory_check import check_plan  # noqa: E402
+
+if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    pytest.skip("this CPU has no oneDNN bf16 (packing is only used where it has)", allow_module_level=True)
+
+
+def lora_model(dropout=0.1):
+    """A bf16 Qwen2 (biased q/k/v, tied head) with LoRA on q, v and o, patched with hafs's kernels."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    base = Qwen2ForCausalLM(Qwen2Config(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    base.to(torch.bfloat16).requires_grad_(False)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, init_lora_weights=False,
+                                            target_modules=["q_proj", "v_proj", "o_proj"]))
+    kernels.patch_model(model)
+    return model
+
+
+def step(model, batch):
+    """Loss and the adapter gradients of one micro-batch (dropout masks drawn from seed 1)."""
+    torch.manual_seed(1)
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = causal_lm_loss(model, batch, compute_dtype=torch.bfloat16, bf16_softmax=True)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+def batch():
+    ids = torch.randint(0, 96, (1, 40), generator=torch.Generator().manual_seed(2))
+    labels = ids.clone()
+    labels[:, :10] = -100
+    return {"input_ids": ids, "labels": labels, "position_ids": torch.arange(40)[None]}
+
+
+def test_packed_training_step_is_bit_identical_and_uses_the_packs(monkeypatch):
+    model, b = lora_model(), batch()
+    plain_loss, plain_grads = step(model, b)
+    calls = []
+    original = packed_linear.linear
+    monkeypatch.setattr(packed_linear, "linear", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(kernels, "linear", packed_linear.linear)
+    with packed_linear.packed_weights(model) as patched:
+        # every frozen Linear: 7 per layer (the LoRA layers' base layers too) and the LM head
+        assert patched == 2 * 7 + 1
+        packed_loss, packed_grads = step(model, b)
+        head = model.get_base_model().lm_head.weight
+        assert packed_linear.packs_for(head) is not None
+    # every frozen matmul of the forward went through a pack: 7 Linears x 2 layers + the head's chunk
+    assert len(calls) == 2 * 7 + 1
+    assert torch.equal(packed_loss, plain_loss)
+    assert packed_grads.keys() == plain_grads.keys() and len(plain_grads) == 2 * 3 * 2
+    for name, grad in plain_grads.items():
+        assert torch.equal(packed_grads[name], grad), name
+        assert grad.abs().sum() > 0, name
+    # nothing is left behind: packs freed, plain forwards back
+    assert packed_linear._packs == {} and packed_linear.packs_for(head) is None
+    assert not [m for m in model.modules() if "forward" in m.__dict__ and type(m) is torch.nn.Linear]
+
+
+def test_frozen_linear_input_gradient_matches_f_linear():
+    torch.manual_seed(3)
+    layer = torch.nn.Linear(48, 80).to(torch.bfloat16).requires_grad_(False)
+    x = torch.randn(2, 30, 48, dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(2, 30, 80, dtype=torch.bfloat16)
+    (expected,) = torch.autograd.grad(torch.nn.functional.linear(x, layer.weight, layer.bias), [x], grad)
+    with packed_linear.packed_weights(layer) as patched:
+        assert patched == 1
+        out = layer(x)
+        (got,) = torch.autograd.grad(out, [x], grad)
+    assert torch.equal(out, torch.nn.functional.linear(x, layer.weight, layer.bias))
+    assert torch.equal(got, expected)
+
+
+def test_weights_that_cannot_or_no_longer_match_their_pack_take_the_plain_matmul():
+    trainable = torch.nn.Linear(16, 16).to(torch.bfloat16)  # requires grad: never packed
+    fp32 = torch.nn.Linear(16, 16).requires_grad_(False)
+    frozen = torch.nn.Linear(16, 16).to(torch.bfloat16).requires_grad_(False)
+    net = torch.nn.Sequential(trainable, fp32, frozen)
+    x = torch.randn(4, 16, dtype=torch.bfloat16)
+    with packed_linear.packed_weights(net) as patched:
+        assert patched == 1
+        assert packed_linear.packs_for(trainable.weight) is None and packed_linear.packs_for(fp32.weight) is None
+        # the weight's memory replaced (as a load or merge would): its pack no longer applies
+        frozen.weight.data = torch.randn(16, 16, dtype=torch.bfloat16)
+        assert packed_linear.packs_for(frozen.weight) is None
+        assert torch.equal(frozen(x), torch.nn.functional.linear(x, frozen.weight, frozen.bias))
+    with packed_linear.packed_weights(net, enabled=False) as patched:
+        assert patched == 0 and packed_linear._packs == {}
+
+
+QWEN = {"model_type": "qwen2", "hidden_size": 1536, "num_hidden_layers": 28, "num_attention_heads": 12,
+        "num_key_value_heads": 2, "intermediate_size": 8960, "vocab_size": 151936, "tie_word_embeddings": True}
+
+
+def test_the_estimate_counts_two_copies_of_the_linears_and_the_head():
+    args = dict(sequence_length=512, batch_size=2, lora_r=8, lora_targets=["q_proj", "v_proj"], precision="bf16",
+                gradient_checkpointing=False, packing=True, device_kind="cpu")
+    plain, packed = estimate_memory(QWEN, **args), estimate_memory(QWEN, **args, packed_weights=True)
+    linears = 28 * (1536 * 1536 * 2 + 2 * 1536 * 256 + 3 * 1536 * 8960) + 151936 * 1536
+    assert packed.weights_gb - plain.weights_gb == pytest.approx(2 * 2 * linears / 2**30)
+    assert packed.activations_gb == plain.activations_gb
+    assert "packed copies" in packed.render()
+
+
+def test_check_plan_gives_up_packing_before_anything_else():
+    from pathlib import Path
+
+    from hafs.training.loader import load_config
+    from hafs.training.memory_check import estimate_for_plan
+    from hafs.training.plan import resolve
+
+    plan = resolve(load_config(Path(__file__).resolve().parents[1] / "config" / "training.toml"), "oracle-rauru-mac")
+    plan.gradient_checkpointing = False
+    settings = types.SimpleNamespace(device="cpu", precision="bf16", attn_implementation="sdpa",
+                                     autocast_dtype="bfloat16", gradient_checkpointing=False, loss_chunk_size=None,
+                                     packed_weights=True)
+    with_packs = estimate_for_plan(plan, QWEN, settings=settings).total_gb
+    settings.packed_weights = False
+    without = estimate_for_plan(plan, QWEN, settings=settings).total_gb
+    assert with_packs > without
+    logged = []
+    settings.packed_weights = True
+    plan.hardware.available_memory_gb = with_packs + 1
+    check_plan(plan, settings, log=logged.append, model_config=QWEN)
+    assert settings.packed_weights and logged == []
+    plan.hardware.available_memory_gb = (with_packs + without) / 2
+    estimate = check_plan(plan, settings, log=logged.append, model_config=QWEN)
+    assert settings.packed_weights is False and not estimate.settings["packed_weights"]
+    assert any("not pre-packed" in line for line in logged)
