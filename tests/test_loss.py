@@ -145,3 +145,18 @@ def test_bf16_loss_path_matches_fp64_cross_entropy():
     assert ours.dtype == torch.float32
     assert abs(float(ours.detach()) - float(ref.detach())) / float(ref.detach()) < 1e-4, (ours, ref)
     assert ((grad_h.double() - ref_grad).norm() / ref_grad.norm()) < 1e-2
+
+
+def test_bf16_loss_path_survives_probabilities_that_underflow():
+    # Logits hundreds apart: a target's probability underflows even bf16's range (loss > ~87), so
+    # -log p(target) would be inf; that chunk takes max - log(p_max) instead.
+    g = torch.Generator().manual_seed(3)
+    n, d, v = 24, 32, 300
+    h = (torch.randn(n, d, generator=g) * 30).bfloat16().requires_grad_()
+    w = torch.randn(v, d, generator=g).bfloat16()
+    t = torch.randint(0, v, (n,), generator=g)
+    ours = fused_linear_cross_entropy(h, w, t, chunk_size=8, compute_dtype=torch.bfloat16, bf16_softmax=True)
+    ref = torch.nn.functional.cross_entropy(h.detach().double() @ w.double().T, t, reduction="none")
+    assert float(ref.max()) > 100  # the case is real
+    assert torch.isfinite(ours)
+    assert abs(float(ours.detach()) - float(ref.sum())) / float(ref.sum()) < 1e-2

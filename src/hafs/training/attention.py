@@ -217,10 +217,14 @@ def block_causal_attention(query, key, value, scale: float):
 def _block_causal_function():
     import torch
 
+    @functools.lru_cache(maxsize=ATTENTION_BLOCK)
+    def above_diagonal(n: int):
+        return torch.ones(n, n, dtype=torch.bool).triu_(1)  # made once per size, not per block and layer
+
     def blocks(width):
         for s in range(0, width, ATTENTION_BLOCK):
             e = min(width, s + ATTENTION_BLOCK)
-            yield s, e, torch.ones(e - s, e - s, dtype=torch.bool).triu_(1)
+            yield s, e, above_diagonal(e - s)
 
     def gemm(a, b, scale):
         """Batched a @ b with the scale applied inside the GEMM (no extra pass, one rounding)."""
