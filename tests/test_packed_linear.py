@@ -149,3 +149,69 @@ def test_check_plan_gives_up_packing_before_anything_else():
     estimate = check_plan(plan, settings, log=logged.append, model_config=QWEN)
     assert settings.packed_weights is False and not estimate.settings["packed_weights"]
     assert any("not pre-packed" in line for line in logged)
+
+
+def test_qkv_of_an_attention_layer_run_as_one_node_with_the_per_layer_results(monkeypatch):
+    from hafs.training import fused_qkv
+
+    model, b = lora_model_qkv(), batch()
+    monkeypatch.setattr(fused_qkv, "build", lambda *a: [])
+    with packed_linear.packed_weights(model):
+        per_layer_loss, per_layer_grads = step(model, b)
+    monkeypatch.undo()
+    nodes = []
+    original = fused_qkv._qkv_function()
+    monkeypatch.setattr(fused_qkv, "_qkv_function", lambda: type("Counted", (), {
+        "apply": staticmethod(lambda *a: nodes.append(1) or original.apply(*a))}))
+    with packed_linear.packed_weights(model):
+        assert len({id(g) for g in fused_qkv._groups.values()}) == 2  # one per layer
+        loss, grads = step(model, b)
+        assert all(g.stash is None for g in fused_qkv._groups.values())  # k and v took their parts
+    assert len(nodes) == 2 and fused_qkv._groups == {}
+    # Same masks (drawn q, k, v in order) and the same GEMM columns: the loss is bit-identical; the
+    # input gradient is one sum instead of three roundings, so gradients agree to bf16 precision.
+    assert torch.equal(loss, per_layer_loss)
+    for name, grad in per_layer_grads.items():
+        if grad.abs().sum() > 0:
+            assert float((grads[name] - grad).float().norm() / grad.float().norm()) < 3e-2, name
+        else:
+            assert grads[name].abs().sum() == 0, name
+
+
+def lora_model_qkv():
+    """As lora_model, with adapters on q, k, v and o (the attention layers' q/k/v form fused_qkv groups)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    base = Qwen2ForCausalLM(Qwen2Config(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    base.to(torch.bfloat16).requires_grad_(False)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, init_lora_weights=False,
+                                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    kernels.patch_model(model)
+    return model
+
+
+def test_k_or_v_called_on_another_input_take_the_per_layer_path():
+    from hafs.training import fused_qkv
+
+    model = lora_model_qkv()
+    attn = model.get_base_model().model.layers[0].self_attn
+    x = torch.randn(1, 5, 64, dtype=torch.bfloat16)
+    other = torch.randn(1, 5, 64, dtype=torch.bfloat16)
+    model.eval()  # no dropout: outputs are deterministic
+    with torch.no_grad():
+        expected_k = attn.k_proj(other)
+        with packed_linear.packed_weights(model):
+            attn.q_proj(x)
+            group = fused_qkv._groups[id(attn.q_proj)]
+            assert group.stash is not None
+            torch.testing.assert_close(attn.k_proj(other), expected_k, atol=0, rtol=0)  # not x: computed
+            assert group.stash[1] is not None  # x's k part still unclaimed
+            model.base_model.disable_adapter_layers()
+            try:
+                no_adapter = attn.q_proj(x)  # peft's own path, base weights only
+                torch.testing.assert_close(no_adapter, attn.q_proj.base_layer(x), atol=0, rtol=0)
+            finally:
+                model.base_model.enable_adapter_layers()

@@ -120,25 +120,47 @@ def _lora_function():
     return LoraLinear
 
 
+def plain_adapter(layer) -> str | None:
+    """The one active adapter of a peft lora.Linear that lora_forward computes itself (a plain LoRA over a
+    frozen nn.Linear, not merged or disabled); None when peft's own forward must run."""
+    import torch
+
+    active = [a for a in layer.active_adapters if a in layer.lora_A]
+    base = layer.base_layer
+    if (layer.disable_adapters or layer.merged or len(active) != 1 or active[0] in layer.lora_variant
+            or getattr(layer, "fan_in_fan_out", False) or layer.lora_bias.get(active[0], False)
+            or type(base) is not torch.nn.Linear or base.weight.requires_grad
+            or (base.bias is not None and base.bias.requires_grad)):
+        return None
+    return active[0]
+
+
+def adapter_inputs(layer, name: str, x):
+    """(byte keep mask or None, scale) of adapter `name` for input x: dropout drawn here, 1/(1-p) folded
+    into the r-wide side with the LoRA scaling."""
+    import torch
+
+    p = getattr(layer.lora_dropout[name], "p", 0.0) if layer.training else 0.0
+    # Kept as 0/1 bytes (half of a bf16 mask's memory); the nodes convert it once per pass.
+    keep = keep_mask(x, p).view(torch.uint8) if p > 0 else None
+    return keep, float(layer.scaling[name]) / (1.0 - p)
+
+
 def lora_forward(self, x, *args, **kwargs):
     """Replacement forward for a peft lora.Linear over a frozen nn.Linear with one plain adapter; peft's
     own forward otherwise."""
     import torch
 
-    active = [a for a in self.active_adapters if a in self.lora_A]
-    base = self.base_layer
-    if (self.disable_adapters or self.merged or args or kwargs or len(active) != 1 or active[0] in self.lora_variant
-            or getattr(self, "fan_in_fan_out", False) or self.lora_bias.get(active[0], False)
-            or type(base) is not torch.nn.Linear or base.weight.requires_grad
-            or (base.bias is not None and base.bias.requires_grad)):
+    from .fused_qkv import grouped_forward
+
+    name = None if args or kwargs else plain_adapter(self)
+    if name is None:
         return type(self).forward(self, x, *args, **kwargs)
-    name = active[0]
-    drop = self.lora_dropout[name]
-    p = getattr(drop, "p", 0.0) if self.training else 0.0
-    # Kept as 0/1 bytes (half of a bf16 mask's memory); LoraLinear converts it once per pass.
-    keep = keep_mask(x, p).view(torch.uint8) if p > 0 else None
-    # (x ⊙ keep / (1-p)) A: the 1/(1-p) is applied on the r-wide side, with the LoRA scaling.
-    scale = float(self.scaling[name]) / (1.0 - p)
+    fused = grouped_forward(self, x)  # q, k and v as one node (fused_qkv), when this layer is in such a group
+    if fused is not None:
+        return fused
+    base = self.base_layer
+    keep, scale = adapter_inputs(self, name, x)
     dtype = base.weight.dtype if not torch.is_autocast_enabled(x.device.type) else \
         torch.get_autocast_dtype(x.device.type)
     # Pre-packed weights (packed_linear) only where they hold exactly what the matmul would use.

@@ -49,12 +49,18 @@ def packed_weights(model, enabled: bool = True):
 
     import torch
 
+    from . import fused_qkv
+
     reorder = torch.ops.mkldnn._reorder_linear_weight
-    patched, created = [], []
+    patched, created, groups = [], [], []
     try:
+        # q, k, v with adapters: one stacked pack per attention layer instead of one per projection
+        groups = fused_qkv.build(model, reorder, PACK_ROWS_HINT)
+        grouped = {id(layer.base_layer.weight) for group in groups for layer in group.layers}
         for module in model.modules():
             weight = getattr(module, "weight", None)
-            if type(module) is not torch.nn.Linear or not packable(weight) or id(weight) in _packs:
+            if type(module) is not torch.nn.Linear or not packable(weight) or id(weight) in _packs \
+                    or id(weight) in grouped:
                 continue
             detached = weight.detach()
             _packs[id(weight)] = (weight, weight.data_ptr(), reorder(detached, PACK_ROWS_HINT),
@@ -65,6 +71,7 @@ def packed_weights(model, enabled: bool = True):
                 patched.append(module)
         yield len(patched)
     finally:
+        fused_qkv.release(groups)
         for module in patched:
             if module.__dict__.get("forward") is not None:
                 del module.forward
