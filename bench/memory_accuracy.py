@@ -112,12 +112,13 @@ def build_model(model_dir: str | None, cfg: dict, device: str, checkpointing: bo
 
 def train_steps(model, cfg: dict, seq: int, batch: int, steps: int, device: str, settings=None) -> None:
     """Steps as the engine takes them: autocast forward, hafs.training.loss's fused chunked cross-entropy on
-    labelled tokens of packed rows (boundaries in position_ids), AdamW on the adapter."""
+    labelled tokens (one example per row: the estimate's worst case), AdamW on the adapter."""
     import contextlib
 
     import torch
 
     from hafs.training.loss import causal_lm_loss
+    from hafs.training.packed_linear import packed_weights
 
     if settings:
         from hafs.training.engine import build_optimizer
@@ -126,22 +127,24 @@ def train_steps(model, cfg: dict, seq: int, batch: int, steps: int, device: str,
     else:
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     gen = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        # Rows of two packed examples; the second half of each example is its labelled response.
-        ids = torch.randint(2, cfg["vocab_size"], (batch, seq), generator=gen)
-        half = seq // 2
-        pos = torch.cat([torch.arange(half), torch.arange(seq - half)]).repeat(batch, 1)
-        labels = ids.clone()
-        for start, length in ((0, half), (half, seq - half)):
-            labels[:, start:start + length // 2] = -100
-        batch_ = {"input_ids": ids.to(device), "position_ids": pos.to(device), "labels": labels.to(device)}
-        autocast = settings.autocast() if settings else torch.autocast(device, dtype=torch.bfloat16)
-        with autocast or contextlib.nullcontext():
-            loss, n = causal_lm_loss(model, batch_, chunk_size=settings.loss_chunk_size if settings else None)
-        (loss / max(1, n)).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        del loss
+    # as engine.train: the frozen weights packed for the loop when the settings say so
+    with packed_weights(model, bool(settings is not None and settings.packed_weights)):
+        for _ in range(steps):
+            # One example per row, the second half its labelled response: the estimate's worst case (the
+            # CPU attention keeps probabilities quadratic in the example's length).
+            ids = torch.randint(2, cfg["vocab_size"], (batch, seq), generator=gen)
+            pos = torch.arange(seq).repeat(batch, 1)
+            labels = ids.clone()
+            labels[:, :seq // 2] = -100
+            batch_ = {"input_ids": ids.to(device), "position_ids": pos.to(device), "labels": labels.to(device)}
+            autocast = settings.autocast() if settings else torch.autocast(device, dtype=torch.bfloat16)
+            with autocast or contextlib.nullcontext():
+                loss, n = causal_lm_loss(model, batch_, chunk_size=settings.loss_chunk_size if settings else None,
+                                         bf16_softmax=bool(settings and settings.bf16_loss_softmax))
+            (loss / max(1, n)).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            del loss
     del opt
 
 
