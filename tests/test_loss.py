@@ -130,14 +130,19 @@ def test_default_chunk_size_keeps_logits_small():
     assert default_chunk_size(151936, "cuda") == 384  # bigger chunks on GPUs: fewer kernel launches
 
 
-def test_bf16_loss_path_matches_fp64_cross_entropy():
-    # bf16 compute: softmax straight from bf16 logits, lse from the largest logit's probability
-    g = torch.Generator().manual_seed(2)
-    n, d, v = 40, 32, 500
-    h = (torch.randn(n, d, generator=g) * 2).bfloat16().requires_grad_()
-    w = torch.randn(v, d, generator=g).bfloat16()
+def bf16_case(seed: int, n: int, v: int, spread: float, chunk: int):
+    """(bf16 loss, hidden states, head, targets) of fused_linear_cross_entropy's bf16-softmax path."""
+    g = torch.Generator().manual_seed(seed)
+    h = (torch.randn(n, 32, generator=g) * spread).bfloat16().requires_grad_()
+    w = torch.randn(v, 32, generator=g).bfloat16()
     t = torch.randint(0, v, (n,), generator=g)
-    ours = fused_linear_cross_entropy(h, w, t, chunk_size=16, compute_dtype=torch.bfloat16, bf16_softmax=True)
+    loss = fused_linear_cross_entropy(h, w, t, chunk_size=chunk, compute_dtype=torch.bfloat16, bf16_softmax=True)
+    return loss, h, w, t
+
+
+def test_bf16_loss_path_matches_fp64_cross_entropy():
+    # bf16 compute: softmax straight from bf16 logits, each token's loss -log p(target)
+    ours, h, w, t = bf16_case(2, 40, 500, 2.0, 16)
     (grad_h,) = torch.autograd.grad(ours * 2.0, (h,))
     hd = h.detach().double().requires_grad_()
     ref = torch.nn.functional.cross_entropy(hd @ w.double().T, t, reduction="sum")
@@ -150,12 +155,7 @@ def test_bf16_loss_path_matches_fp64_cross_entropy():
 def test_bf16_loss_path_survives_probabilities_that_underflow():
     # Logits hundreds apart: a target's probability underflows even bf16's range (loss > ~87), so
     # -log p(target) would be inf; that chunk takes max - log(p_max) instead.
-    g = torch.Generator().manual_seed(3)
-    n, d, v = 24, 32, 300
-    h = (torch.randn(n, d, generator=g) * 30).bfloat16().requires_grad_()
-    w = torch.randn(v, d, generator=g).bfloat16()
-    t = torch.randint(0, v, (n,), generator=g)
-    ours = fused_linear_cross_entropy(h, w, t, chunk_size=8, compute_dtype=torch.bfloat16, bf16_softmax=True)
+    ours, h, w, t = bf16_case(3, 24, 300, 30.0, 8)
     ref = torch.nn.functional.cross_entropy(h.detach().double() @ w.double().T, t, reduction="none")
     assert float(ref.max()) > 100  # the case is real
     assert torch.isfinite(ours)
