@@ -62,8 +62,9 @@ def test_packed_training_step_is_bit_identical_and_uses_the_packs(monkeypatch):
     monkeypatch.setattr(packed_linear, "linear", lambda *a, **k: calls.append(1) or original(*a, **k))
     monkeypatch.setattr(kernels, "linear", packed_linear.linear)
     with packed_linear.packed_weights(model) as patched:
-        # every frozen Linear: 7 per layer (the LoRA layers' base layers too) and the LM head
-        assert patched == 2 * 7 + 1
+        # the Linears called directly get the packed forward: k_proj, gate, up, down per layer and the LM
+        # head; the LoRA layers' base layers are read through their packs by kernels.lora_forward
+        assert patched == 2 * 4 + 1
         packed_loss, packed_grads = step(model, b)
         head = model.get_base_model().lm_head.weight
         assert packed_linear.packs_for(head) is not None
@@ -173,7 +174,7 @@ def test_qkv_of_an_attention_layer_run_as_one_node_with_the_per_layer_results(mo
     assert torch.equal(loss, per_layer_loss)
     for name, grad in per_layer_grads.items():
         if grad.abs().sum() > 0:
-            assert float((grads[name] - grad).float().norm() / grad.float().norm()) < 3e-2, name
+            assert float((grads[name] - grad).float().norm() / grad.float().norm()) < 1.5e-2, name
         else:
             assert grads[name].abs().sum() == 0, name
 
@@ -215,3 +216,98 @@ def test_k_or_v_called_on_another_input_take_the_per_layer_path():
                 torch.testing.assert_close(no_adapter, attn.q_proj.base_layer(x), atol=0, rtol=0)
             finally:
                 model.base_model.enable_adapter_layers()
+
+
+def test_the_fused_node_steps_aside_for_changed_weights_grad_mode_and_clip_qkv():
+    from hafs.training import fused_qkv
+
+    model = lora_model_qkv()
+    attn = model.get_base_model().model.layers[0].self_attn
+    x = torch.randn(1, 5, 64, dtype=torch.bfloat16)
+    model.eval()
+    with packed_linear.packed_weights(model):
+        group = fused_qkv._groups[id(attn.q_proj)]
+        with torch.no_grad():
+            attn.q_proj(x)
+        assert group.stash is not None
+        k = attn.k_proj(x)  # grad on now: the stashed k (no graph) is not handed out
+        assert k.requires_grad and group.stash[1] is not None
+        # a base weight given new memory: the group's stacked pack no longer applies
+        attn.q_proj.base_layer.weight.data = torch.zeros_like(attn.q_proj.base_layer.weight)
+        assert not group.unchanged() and fused_qkv.grouped_forward(attn.q_proj, x) is None
+        with torch.no_grad():
+            q = attn.q_proj(x)
+            torch.testing.assert_close(q, attn.q_proj.base_layer(x) + attn.q_proj.lora_B["default"](
+                attn.q_proj.lora_A["default"](x.float())).to(q.dtype) * attn.q_proj.scaling["default"],
+                atol=2e-2, rtol=2e-2)
+    model = lora_model_qkv()
+    model.config.clip_qkv = 8.0  # OLMo clamps q/k/v in place: views of one tensor would not allow it
+    with packed_linear.packed_weights(model):
+        assert fused_qkv._groups == {}
+
+
+def test_a_failed_build_leaves_no_group_behind(monkeypatch):
+    from hafs.training import fused_qkv
+
+    model = lora_model_qkv()
+    calls = []
+
+    def reorder(weight, hint):
+        calls.append(1)
+        if len(calls) > 2:  # the second group's pack: out of memory
+            raise RuntimeError("out of memory")
+        return torch.ops.mkldnn._reorder_linear_weight(weight, hint)
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        fused_qkv.build(model, reorder, 512)
+    assert fused_qkv._groups == {}
+
+
+def test_fused_node_under_gradient_checkpointing_recomputes_the_same_loss(monkeypatch):
+    from hafs.training import fused_qkv
+
+    model, b = lora_model_qkv(), batch()
+    with packed_linear.packed_weights(model):
+        loss, grads = step(model, b)
+    model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    nodes = []
+    original = fused_qkv._qkv_function()
+    monkeypatch.setattr(fused_qkv, "_qkv_function", lambda: type("Counted", (), {
+        "apply": staticmethod(lambda *a: nodes.append(1) or original.apply(*a))}))
+    with packed_linear.packed_weights(model):
+        ckpt_loss, ckpt_grads = step(model, b)
+        assert all(g.stash is None for g in fused_qkv._groups.values())
+    assert len(nodes) == 4  # two layers, forward and recompute
+    assert torch.equal(ckpt_loss, loss)
+    for name, grad in grads.items():
+        torch.testing.assert_close(ckpt_grads[name], grad, atol=0, rtol=0)
+
+
+def test_when_checkpointing_is_needed_anyway_the_packed_copies_come_back_if_they_fit():
+    from pathlib import Path
+
+    from hafs.training.loader import load_config
+    from hafs.training.memory_check import estimate_for_plan
+    from hafs.training.plan import resolve
+
+    plan = resolve(load_config(Path(__file__).resolve().parents[1] / "config" / "training.toml"), "oracle-rauru-cloud")
+    assert plan.gradient_checkpointing is None and plan.hardware.supports_gradient_checkpointing
+    settings = types.SimpleNamespace(device="cpu", precision="bf16", attn_implementation="sdpa",
+                                     autocast_dtype="bfloat16", gradient_checkpointing=False, loss_chunk_size=None,
+                                     packed_weights=True)
+
+    def total(**kw):
+        return estimate_for_plan(plan, QWEN, settings=types.SimpleNamespace(**{**vars(settings), **kw})).total_gb
+
+    packed_gc = total(gradient_checkpointing=True)
+    assert packed_gc < total(packed_weights=False)  # checkpointing saves more than the packs cost
+    plan.hardware.available_memory_gb = packed_gc + 0.01
+    logged = []
+    estimate = check_plan(plan, settings, log=logged.append, model_config=QWEN)
+    assert settings.gradient_checkpointing and settings.packed_weights
+    assert estimate.settings["packed_weights"] and not any("not pre-packed" in line for line in logged)
+    plan.hardware.available_memory_gb = total(gradient_checkpointing=True, packed_weights=False) + 0.01
+    settings.gradient_checkpointing, settings.packed_weights = False, True
+    check_plan(plan, settings, log=logged.append, model_config=QWEN)
+    assert settings.gradient_checkpointing and not settings.packed_weights
+    assert any("not pre-packed" in line for line in logged)

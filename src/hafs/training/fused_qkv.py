@@ -23,8 +23,12 @@ class Group:
     """One attention layer's q, k, v LoRA layers with their stacked packed weight."""
 
     def __init__(self, layers, packs, bias):
+        from .packed_linear import stamp
+
         self.layers = layers
         """(q_proj, k_proj, v_proj): peft lora.Linear layers, in transformers' call order."""
+        self.stamps = [stamp(layer.base_layer.weight) for layer in layers]
+        """The base weights as packed (packed_linear.stamp): a changed weight sends calls to the per-layer path."""
         self.sizes = tuple(layer.base_layer.out_features for layer in layers)
         """Output columns of each in the stacked weight."""
         self.packs = packs
@@ -32,7 +36,12 @@ class Group:
         self.bias = bias
         """The stacked bf16 bias, or None."""
         self.stash: list | None = None
-        """[input, k output, v output] after q_proj's call, until k_proj and v_proj take theirs."""
+        """[input, k output, v output, grad mode] after q_proj's call, until k_proj and v_proj take theirs."""
+
+    def unchanged(self) -> bool:
+        from .packed_linear import stamp
+
+        return all(stamp(layer.base_layer.weight) == s for layer, s in zip(self.layers, self.stamps))
 
 
 def build(model, reorder, hint: int) -> list[Group]:
@@ -45,7 +54,11 @@ def build(model, reorder, hint: int) -> list[Group]:
     groups = []
     for module in model.modules():
         layers = tuple(getattr(module, n, None) for n in ("q_proj", "k_proj", "v_proj"))
-        if not all(getattr(getattr(layer, "forward", None), "__func__", None) is lora_forward for layer in layers):
+        if not all(getattr(getattr(layer, "forward", None), "__func__", None) is lora_forward for layer in layers) \
+                or any(id(layer) in _groups for layer in layers):  # already grouped by an enclosing block
+            continue
+        # OLMo's clip_qkv clamps the projections' outputs in place; this node's outputs are views of one tensor
+        if getattr(getattr(module, "config", None), "clip_qkv", None) is not None:
             continue
         bases = [layer.base_layer for layer in layers]
         if not all(type(b) is torch.nn.Linear and packable(b.weight) for b in bases) \
@@ -55,9 +68,10 @@ def build(model, reorder, hint: int) -> list[Group]:
         stacked = torch.cat([b.weight.detach() for b in bases])
         packs = (reorder(stacked, hint), reorder(stacked.t().contiguous(), hint))
         bias = None if bases[0].bias is None else torch.cat([b.bias.detach() for b in bases])
-        group = Group(layers, packs, bias)
-        groups.append(group)
-        for layer in layers:
+        groups.append(Group(layers, packs, bias))
+    # Registered only once all are built: a failure above (out of memory) leaves nothing behind.
+    for group in groups:
+        for layer in group.layers:
             _groups[id(layer)] = group
     return groups
 
@@ -83,7 +97,7 @@ def grouped_forward(layer, x):
     position = group.layers.index(layer)
     if position:  # k_proj or v_proj: their part of the node q_proj ran on this very input
         stash = group.stash
-        if stash is None or stash[0] is not x or stash[position] is None:
+        if stash is None or stash[0] is not x or stash[position] is None or stash[3] != torch.is_grad_enabled():
             return None
         out, stash[position] = stash[position], None
         if stash[1] is None and stash[2] is None:
@@ -93,7 +107,8 @@ def grouped_forward(layer, x):
     names = [plain_adapter(member) for member in group.layers]
     autocast = torch.is_autocast_enabled(x.device.type)
     if None in names or x.device.type != "cpu" or (x.dtype if not autocast else
-                                                   torch.get_autocast_dtype("cpu")) != torch.bfloat16:
+                                                   torch.get_autocast_dtype("cpu")) != torch.bfloat16 \
+            or not group.unchanged():
         return None
     given, x = x, x.to(torch.bfloat16)
     adapters = []
@@ -101,7 +116,8 @@ def grouped_forward(layer, x):
         keep, scale = adapter_inputs(member, name, x)  # q's, k's, v's masks in that order, as per layer
         adapters += [member.lora_A[name].weight, member.lora_B[name].weight, keep, scale]
     q, k, v = _qkv_function().apply(x, group.bias, group.sizes, group.packs, *adapters)
-    group.stash = [given, k, v]  # the tensor k_proj and v_proj will be called with
+    # k_proj and v_proj take their parts only when called on this very tensor in the same grad mode
+    group.stash = [given, k, v, torch.is_grad_enabled()]
     return q
 
 

@@ -227,12 +227,14 @@ def _rms_norm_function():
             rstd = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=acc)
             rstd = rstd.square_().div_(x.shape[-1]).add_(eps).rsqrt_().to(x.dtype)
             ctx.save_for_backward(x, weight, rstd)
-            return (x * rstd).mul_(weight.to(x.dtype))
+            normed = x * rstd
+            # an fp32 weight over bf16 activations promotes the output, as transformers' module does
+            return normed.mul_(weight) if weight.dtype == x.dtype else normed * weight
 
         @staticmethod
         def backward(ctx, grad):
             x, weight, rstd = ctx.saved_tensors
-            d_normed = grad * weight.to(grad.dtype)
+            d_normed = (grad * weight).to(x.dtype)
             # d/dx of x * rstd(x): rstd * (g - x * rstd² * mean(g * x)); the row sum accumulates in fp32
             acc = torch.promote_types(x.dtype, torch.float32)
             k = (d_normed * x).sum(-1, keepdim=True, dtype=acc).mul_(rstd.to(acc).square()).div_(-x.shape[-1])

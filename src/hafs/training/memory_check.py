@@ -111,12 +111,13 @@ def check_memory(plan, model_config: dict, *, settings=None, caps=None, force: b
                      "checking against the device")
         budget = device_gb
     est = estimate_memory(model_config, **kwargs)
+    unpack_note = None
     if est.total_gb > budget and kwargs.get("packed_weights"):
         # The packed copies only buy speed (3-5%): the first thing to give up.
         kwargs["packed_weights"] = False
         unpacked = estimate_memory(model_config, **kwargs)
-        notes.append(f"frozen weights not pre-packed: with the packed copies the run needs ~{est.total_gb:.1f} GiB "
-                     f"of {budget:g}, without ~{unpacked.total_gb:.1f}")
+        unpack_note = (f"frozen weights not pre-packed: with the packed copies the run needs ~{est.total_gb:.1f} "
+                       f"GiB of {budget:g}, without ~{unpacked.total_gb:.1f}")
         est = unpacked
     if est.total_gb > budget and plan.gradient_checkpointing is None and not kwargs["gradient_checkpointing"] \
             and hw.supports_gradient_checkpointing:
@@ -125,6 +126,13 @@ def check_memory(plan, model_config: dict, *, settings=None, caps=None, force: b
             notes.append(f"gradient checkpointing turned on: without it the run needs ~{est.total_gb:.1f} GiB "
                          f"of {budget:g}, with it ~{with_gc.total_gb:.1f}")
             est = with_gc
+            if unpack_note:  # checkpointing frees memory: the packed copies may fit again
+                repacked = estimate_memory(model_config, **{**kwargs, "gradient_checkpointing": True,
+                                                            "packed_weights": True})
+                if repacked.total_gb <= budget:
+                    est, unpack_note = repacked, None
+    if unpack_note:
+        notes.insert(0, unpack_note)
     gc, packed = est.settings["gradient_checkpointing"], est.settings["packed_weights"]
     if est.total_gb <= budget:
         return MemoryVerdict(est, budget, True, gc, notes=notes, packed_weights=packed)

@@ -9,7 +9,9 @@ Bit-identical results; on this CPU 1-14% faster per matmul at 100-2,000 tokens, 
 step (bench/bench_levers.py, lever "packed"). The price is two more copies of those weights while
 the run lasts (memory.estimate_memory counts them; memory_check drops packing before a plan would
 not fit). They are freed when the run ends, so nothing after training (merging the adapter into
-the weights, export) can meet a stale copy.
+the weights, export) can meet a stale copy. Inside the block the weights must not change: a weight
+given new memory or changed in place under no_grad takes the plain matmul, but an in-place edit
+through `.data` (peft's merge) cannot be seen, which is why the packs live no longer than the loop.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import functools
 PACK_ROWS_HINT = 512
 """Rows per matmul oneDNN is told to expect when packing (512-2,048 measured alike)."""
 _packs: dict[int, tuple] = {}
-# id(weight) -> (weight, data_ptr, forward pack, transposed pack); filled only inside packed_weights().
+# id(weight) -> (weight, stamp, forward pack, transposed pack); filled only inside packed_weights().
 
 
 def packable(weight) -> bool:
@@ -31,18 +33,33 @@ def packable(weight) -> bool:
         and weight.device.type == "cpu" and weight.dim() == 2 and not weight.requires_grad and weight.is_contiguous()
 
 
+def stamp(weight) -> tuple[int, int]:
+    """What packing saw of a weight: its memory and its in-place version counter."""
+    return weight.data_ptr(), weight._version
+
+
 def packs_for(weight):
-    """(forward pack, transposed pack) of `weight` inside packed_weights(), if it still holds the same memory."""
+    """(forward pack, transposed pack) of `weight` inside packed_weights(), if the weight is unchanged."""
     entry = _packs.get(id(weight))
-    if entry is None or entry[0] is not weight or entry[1] != weight.data_ptr():
+    if entry is None or entry[0] is not weight or entry[1] != stamp(weight):
         return None
     return entry[2], entry[3]
+
+
+def available() -> bool:
+    """This torch has oneDNN with bf16 (bf16 on a CPU is chosen from the CPU's flags, not from torch's build)."""
+    import torch
+
+    try:
+        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 @contextlib.contextmanager
 def packed_weights(model, enabled: bool = True):
     """Pack the frozen bf16 Linear weights of `model` for the duration of the block (see the module doc)."""
-    if not enabled:
+    if not enabled or not available():
         yield 0
         return
     import types
@@ -57,16 +74,18 @@ def packed_weights(model, enabled: bool = True):
         # q, k, v with adapters: one stacked pack per attention layer instead of one per projection
         groups = fused_qkv.build(model, reorder, PACK_ROWS_HINT)
         grouped = {id(layer.base_layer.weight) for group in groups for layer in group.layers}
+        # LoRA layers' base layers keep their own forward: kernels.lora_forward reads their packs itself
+        bases = {id(m.base_layer) for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")}
         for module in model.modules():
             weight = getattr(module, "weight", None)
             if type(module) is not torch.nn.Linear or not packable(weight) or id(weight) in _packs \
                     or id(weight) in grouped:
                 continue
             detached = weight.detach()
-            _packs[id(weight)] = (weight, weight.data_ptr(), reorder(detached, PACK_ROWS_HINT),
+            _packs[id(weight)] = (weight, stamp(weight), reorder(detached, PACK_ROWS_HINT),
                                   reorder(detached.t().contiguous(), PACK_ROWS_HINT))
             created.append(id(weight))
-            if "forward" not in module.__dict__:  # a plain Linear called directly (not through a LoRA layer)
+            if "forward" not in module.__dict__ and id(module) not in bases:  # a Linear called directly
                 module.forward = types.MethodType(frozen_linear_forward, module)
                 patched.append(module)
         yield len(patched)
