@@ -12,6 +12,7 @@ pytest.importorskip("peft")
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch on one thread
 
 from hafs.training import kernels, packed_linear  # noqa: E402
+from hafs.training import loss as loss_module  # noqa: E402
 from hafs.training.loss import causal_lm_loss  # noqa: E402
 from hafs.training.memory import estimate_memory  # noqa: E402
 from hafs.training.memory_check import check_plan  # noqa: E402
@@ -61,6 +62,7 @@ def test_packed_training_step_is_bit_identical_and_uses_the_packs(monkeypatch):
     original = packed_linear.linear
     monkeypatch.setattr(packed_linear, "linear", lambda *a, **k: calls.append(1) or original(*a, **k))
     monkeypatch.setattr(kernels, "linear", packed_linear.linear)
+    monkeypatch.setattr(loss_module, "linear", packed_linear.linear)
     with packed_linear.packed_weights(model) as patched:
         # the Linears called directly get the packed forward: k_proj, gate, up, down per layer and the LM
         # head; the LoRA layers' base layers are read through their packs by kernels.lora_forward

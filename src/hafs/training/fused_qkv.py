@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import functools
 
+from .packed_linear import linear, linear_input_grad, packable, stamp
+
 _groups: dict[int, Group] = {}
 # id(lora layer) -> its group, filled only inside packed_linear.packed_weights().
 
@@ -23,8 +25,6 @@ class Group:
     """One attention layer's q, k, v LoRA layers with their stacked packed weight."""
 
     def __init__(self, layers, packs, bias):
-        from .packed_linear import stamp
-
         self.layers = layers
         """(q_proj, k_proj, v_proj): peft lora.Linear layers, in transformers' call order."""
         self.stamps = [stamp(layer.base_layer.weight) for layer in layers]
@@ -39,8 +39,6 @@ class Group:
         """[input, k output, v output, grad mode] after q_proj's call, until k_proj and v_proj take theirs."""
 
     def unchanged(self) -> bool:
-        from .packed_linear import stamp
-
         return all(stamp(layer.base_layer.weight) == s for layer, s in zip(self.layers, self.stamps))
 
 
@@ -49,7 +47,6 @@ def build(model, reorder, hint: int) -> list[Group]:
     import torch
 
     from .kernels import lora_forward
-    from .packed_linear import packable
 
     groups = []
     for module in model.modules():
@@ -125,7 +122,7 @@ def grouped_forward(layer, x):
 def _qkv_function():
     import torch
 
-    from .packed_linear import linear, linear_input_grad
+    from .kernels import adapter_grads, add_adapter
 
     class QKVLora(torch.autograd.Function):
         """[q, k, v] = x [Wq; Wk; Wv]ᵀ + b + per adapter ((x ⊙ keep) Aᵀ)(s·B)ᵀ, as kernels.LoraLinear does
@@ -137,15 +134,10 @@ def _qkv_function():
             out = linear(x2, packs, bias)
             parts = out.split(sizes, dim=1)
             saved = []
-            for i, part in enumerate(parts):
-                a, b, keep, scale = adapters[4 * i: 4 * i + 4]
-                xm = x2 * keep.view(x2.shape).to(x.dtype) if keep is not None else x2
-                h = xm @ a.to(x.dtype).t()
-                part.addmm_(h, (b * scale).to(x.dtype).t())
-                saved += [a, b, h] + ([keep] if keep is not None else [])
+            for part, (a, b, keep, scale) in zip(parts, zip(*[iter(adapters)] * 4)):
+                saved += [a, b, keep, add_adapter(part, x2, a, b, keep, scale)]
             ctx.save_for_backward(x, *saved)
-            ctx.packs, ctx.sizes = packs, sizes
-            ctx.layout = [(keep is not None, scale) for keep, scale in zip(adapters[2::4], adapters[3::4])]
+            ctx.packs, ctx.sizes, ctx.scales = packs, sizes, adapters[3::4]
             return tuple(part.view(*x.shape[:-1], part.shape[1]) for part in parts)
 
         @staticmethod
@@ -156,22 +148,9 @@ def _qkv_function():
             g = torch.cat([gr.reshape(rows, n).to(x.dtype) if gr is not None else x2.new_zeros(rows, n)
                            for gr, n in zip(grads, ctx.sizes)], dim=1)
             dx = linear_input_grad(g, ctx.packs) if ctx.needs_input_grad[0] else None
-            out, start, at = [], 0, 0
-            for (masked, scale), n in zip(ctx.layout, ctx.sizes):
-                a, b, h = saved[at:at + 3]
-                keep = saved[at + 3].view(x2.shape).to(x.dtype) if masked else None
-                at += 4 if masked else 3
-                gi = g[:, start:start + n]
-                start += n
-                dh = gi @ (b * scale).to(x.dtype)
-                db = (gi.t() @ h).float().mul_(scale).to(b.dtype)
-                da = (dh.t() @ (x2 * keep if keep is not None else x2)).to(a.dtype)
-                if dx is not None:
-                    if keep is None:
-                        dx.addmm_(dh, a.to(x.dtype))
-                    else:
-                        dx.addcmul_(dh @ a.to(x.dtype), keep)
-                out += [da, db, None, None]
+            out = []
+            for gi, (a, b, keep, h), scale in zip(g.split(ctx.sizes, dim=1), zip(*[iter(saved)] * 4), ctx.scales):
+                out += [*adapter_grads(gi, x2, a, b, keep, h, scale, dx), None, None]
             return (None if dx is None else dx.view(x.shape), None, None, None, *out)
 
     return QKVLora

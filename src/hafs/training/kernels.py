@@ -89,9 +89,7 @@ def _lora_function():
         def forward(ctx, x, weight, bias, a, b, keep, scale, packs):
             x2 = x.reshape(-1, x.shape[-1])
             out = linear(x2, packs, bias) if packs else torch.nn.functional.linear(x2, weight, bias)
-            xm = x2 * keep.view(x2.shape).to(x.dtype) if keep is not None else x2
-            h = xm @ a.to(x.dtype).t()
-            out.addmm_(h, (b * scale).to(x.dtype).t())
+            h = add_adapter(out, x2, a, b, keep, scale)
             ctx.save_for_backward(x, weight, a, b, keep, h)
             ctx.scale, ctx.packs = scale, packs
             return out.view(*x.shape[:-1], out.shape[-1])
@@ -99,25 +97,42 @@ def _lora_function():
         @staticmethod
         def backward(ctx, grad):
             x, weight, a, b, keep, h = ctx.saved_tensors
-            dtype = x.dtype
             x2 = x.reshape(-1, x.shape[-1])
-            g2 = grad.reshape(-1, grad.shape[-1]).to(dtype)
-            dh = g2 @ (b * ctx.scale).to(dtype)  # [M, r]
-            db = (g2.t() @ h).float().mul_(ctx.scale).to(b.dtype)
-            keep = keep.view(x2.shape).to(dtype) if keep is not None else None
-            da = (dh.t() @ (x2 * keep if keep is not None else x2)).to(a.dtype)
+            g2 = grad.reshape(-1, grad.shape[-1]).to(x.dtype)
             dx = None
             if ctx.needs_input_grad[0]:
                 # weight is already in the compute dtype (lora_forward)
                 dx = linear_input_grad(g2, ctx.packs) if ctx.packs else g2 @ weight
-                if keep is None:
-                    dx.addmm_(dh, a.to(dtype))
-                else:
-                    dx.addcmul_(dh @ a.to(dtype), keep)
-                dx = dx.view(x.shape)
-            return dx, None, None, da, db, None, None, None
+            da, db = adapter_grads(g2, x2, a, b, keep, h, ctx.scale, dx)
+            return None if dx is None else dx.view(x.shape), None, None, da, db, None, None, None
 
     return LoraLinear
+
+
+def add_adapter(out, x2, a, b, keep, scale: float):
+    """out += ((x2 ⊙ keep) Aᵀ)(s·B)ᵀ in place (x2 [M, in], out [M, out], keep bytes or None); returns
+    the r-wide h for backward. Shared by LoraLinear and fused_qkv's node."""
+    dtype = x2.dtype
+    xm = x2 * keep.view(x2.shape).to(dtype) if keep is not None else x2
+    h = xm @ a.to(dtype).t()
+    out.addmm_(h, (b * scale).to(dtype).t())
+    return h
+
+
+def adapter_grads(g2, x2, a, b, keep, h, scale: float, dx):
+    """(dA, dB) of add_adapter's term for its output gradient g2; adds its input gradient into dx
+    (the frozen matmul's, in place) unless dx is None. The byte mask is converted once for both uses."""
+    dtype = x2.dtype
+    dh = g2 @ (b * scale).to(dtype)  # [M, r]
+    db = (g2.t() @ h).float().mul_(scale).to(b.dtype)
+    keep = keep.view(x2.shape).to(dtype) if keep is not None else None
+    da = (dh.t() @ (x2 * keep if keep is not None else x2)).to(a.dtype)
+    if dx is not None:
+        if keep is None:
+            dx.addmm_(dh, a.to(dtype))
+        else:
+            dx.addcmul_(dh @ a.to(dtype), keep)
+    return da, db
 
 
 def plain_adapter(layer) -> str | None:

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import functools
 
+from .packed_linear import linear, linear_input_grad, packs_for
+
 IGNORE_INDEX = -100
 """Label of positions that are not trained on."""
 LOGITS_BUDGET = {"cpu": 1 << 23, "cuda": 1 << 26}
@@ -79,8 +81,6 @@ def _chunks(hidden, weight, bias, targets, chunk: int, dtype, grads: bool, bf16_
     """Loss sum, and the gradients of hidden / weight / bias when `grads`."""
     import torch
 
-    from .packed_linear import linear, linear_input_grad, packs_for
-
     w = weight.to(dtype)
     # The head's pre-packed copies inside a training run (packed_linear), when they are what w holds.
     packs = packs_for(weight) if dtype == weight.dtype == torch.bfloat16 and bias is None else None
@@ -111,10 +111,7 @@ def _chunks(hidden, weight, bias, targets, chunk: int, dtype, grads: bool, bf16_
                     lse = peak.float() - probs.gather(1, top).float().log()
                     total += (lse - logits.gather(1, t[:, None]).float()).sum()
                 probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
-                if packs and grad_w is None:
-                    grad_h[start:start + chunk] = linear_input_grad(probs, packs).to(hidden.dtype)
-                else:
-                    _chunk_grads(probs, h, w, hidden, grad_h, grad_w, start, chunk)
+                _chunk_grads(probs, h, w, hidden, grad_h, grad_w, start, chunk, packs)
                 continue
             logits = (h @ w.T).float()
             if bias is not None:
@@ -136,10 +133,12 @@ def _chunks(hidden, weight, bias, targets, chunk: int, dtype, grads: bool, bf16_
     return total, grad_h, grad_w, grad_b
 
 
-def _chunk_grads(d_logits, h, w, hidden, grad_h, grad_w, start: int, chunk: int) -> None:
-    """One chunk's share of the hidden-state and weight gradients, from d CE / d logits."""
+def _chunk_grads(d_logits, h, w, hidden, grad_h, grad_w, start: int, chunk: int, packs=None) -> None:
+    """One chunk's share of the hidden-state and weight gradients, from d CE / d logits (`packs`: the
+    head's packed copies, packed_linear, for the hidden-state gradient)."""
     if grad_h is not None:
-        grad_h[start:start + chunk] = (d_logits @ w).to(hidden.dtype)
+        d_hidden = linear_input_grad(d_logits, packs) if packs else d_logits @ w
+        grad_h[start:start + chunk] = d_hidden.to(hidden.dtype)
     if grad_w is not None:
         grad_w += (d_logits.T @ h).float()
 
