@@ -71,11 +71,11 @@ def _status_mib(key: str) -> float:
     return int(re.search(key + r":\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
 
 
-def engine_settings(device: str, checkpointing: bool):
-    """The trainer's RunSettings for a bf16 packed run (None with --loop plain)."""
+def engine_settings(device: str, checkpointing: bool, seq: int = 2048):
+    """The trainer's RunSettings for a bf16 packed run of `seq`-token rows (None with --loop plain)."""
     from hafs.training.precision import run_settings
 
-    return run_settings(types.SimpleNamespace(device=device, precision="bf16", packing=True,
+    return run_settings(types.SimpleNamespace(device=device, precision="bf16", packing=True, sequence_length=seq,
                                               gradient_checkpointing=checkpointing))
 
 
@@ -110,9 +110,14 @@ def build_model(model_dir: str | None, cfg: dict, device: str, checkpointing: bo
     return model
 
 
-def train_steps(model, cfg: dict, seq: int, batch: int, steps: int, device: str, settings=None) -> None:
+def train_steps(model, cfg: dict, seq: int, batch: int, steps: int, device: str, settings=None,
+                varied: int = 0) -> None:
     """Steps as the engine takes them: autocast forward, hafs.training.loss's fused chunked cross-entropy on
-    labelled tokens (one example per row: the estimate's worst case), AdamW on the adapter."""
+    labelled tokens (one example per row: the estimate's worst case), AdamW on the adapter.
+
+    `varied`: first that many steps with rows of random widths (seq/4 to seq), as length-grouped
+    batches bring a new shape nearly every step: the allocator's heap and oneDNN's cache of per-shape
+    primitives grow with them, which a few steps of one shape do not show."""
     import contextlib
 
     import torch
@@ -127,15 +132,16 @@ def train_steps(model, cfg: dict, seq: int, batch: int, steps: int, device: str,
     else:
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     gen = torch.Generator().manual_seed(0)
+    widths = torch.randint(max(1, seq // 4), seq + 1, (varied,), generator=gen).tolist() + [seq] * steps
     # as engine.train: the frozen weights packed for the loop when the settings say so
     with packed_weights(model, bool(settings is not None and settings.packed_weights)):
-        for _ in range(steps):
+        for width in widths:
             # One example per row, the second half its labelled response: the estimate's worst case (the
             # CPU attention keeps probabilities quadratic in the example's length).
-            ids = torch.randint(2, cfg["vocab_size"], (batch, seq), generator=gen)
-            pos = torch.arange(seq).repeat(batch, 1)
+            ids = torch.randint(2, cfg["vocab_size"], (batch, width), generator=gen)
+            pos = torch.arange(width).repeat(batch, 1)
             labels = ids.clone()
-            labels[:, :seq // 2] = -100
+            labels[:, :width // 2] = -100
             batch_ = {"input_ids": ids.to(device), "position_ids": pos.to(device), "labels": labels.to(device)}
             autocast = settings.autocast() if settings else torch.autocast(device, dtype=torch.bfloat16)
             with autocast or contextlib.nullcontext():
@@ -161,10 +167,14 @@ def worker(args) -> None:
 
         assert release_freed_memory(), "mallopt unavailable: use --allocator glibc"
     cfg = model_config(args.shape)
-    settings = engine_settings("cpu", args.checkpointing) if args.loop == "engine" else None
+    settings = engine_settings("cpu", args.checkpointing, args.seq) if args.loop == "engine" else None
     baseline = _status_mib("VmRSS")
     model = build_model(args.model_dir, cfg, "cpu", args.checkpointing, settings)
-    train_steps(model, cfg, args.seq, args.batch, args.steps, "cpu", settings)
+    if settings is not None:  # as engine.train: before the first matmul
+        from hafs.training.packed_linear import limit_primitive_cache
+
+        limit_primitive_cache(settings.onednn_cache_capacity)
+    train_steps(model, cfg, args.seq, args.batch, args.steps, "cpu", settings, args.varied)
     print(json.dumps({"measured_mib": _status_mib("VmHWM") - baseline, "baseline_mib": baseline}))
 
 
@@ -194,7 +204,8 @@ def estimate(shape: str, seq: int, batch: int, args):
     from hafs.training.memory_check import settings_kwargs
 
     if args.loop == "engine":
-        run = {**settings_kwargs(engine_settings(args.device, args.checkpointing)), "cpu_allocator": args.allocator}
+        settings = engine_settings(args.device, args.checkpointing, seq)
+        run = {**settings_kwargs(settings), "cpu_allocator": args.allocator}
     else:  # peft defaults: fp32 input copies, torch dropout, transformers' sdpa
         run = {"precision": "bf16", "gradient_checkpointing": args.checkpointing, "attn_impl": "sdpa",
                    "device_kind": args.device, "autocast": True, "cpu_allocator": args.allocator}
@@ -205,7 +216,8 @@ def estimate(shape: str, seq: int, batch: int, args):
 
 def run_case(shape, seq, batch, args, model_dir) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--shape", shape, "--seq", str(seq), "--batch", str(batch),
-           "--steps", str(args.steps), "--device", args.device, "--threads", str(args.threads),
+           "--steps", str(args.steps), "--varied", str(args.varied), "--device", args.device,
+           "--threads", str(args.threads),
            "--loop", args.loop, "--allocator", args.allocator] + (["--checkpointing"] if args.checkpointing else []) + (
                ["--model-dir", str(model_dir)] if model_dir else [])
     env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -222,6 +234,8 @@ def main(argv=None) -> int:
     p.add_argument("--batches", default="1,4")
     p.add_argument("--steps", type=int, default=4,
                    help="optimizer steps per case; glibc's heap needs ~3 to reach its steady peak")
+    p.add_argument("--varied", type=int, default=16,
+                   help="CPU: steps of random row widths (seq/4 to seq) before the --steps at full width")
     p.add_argument("--allocator", default="glibc", choices=["glibc", "mmap"],
                    help="CPU malloc as is, or with memory.release_freed_memory() (fixed mmap threshold)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -245,7 +259,9 @@ def main(argv=None) -> int:
     rows = []
     print(f"{'shape':<9}{'seq':>6}{'batch':>6}{'estimate MiB':>14}{'measured MiB':>14}{'ratio':>7}"
           f"   ({args.device}, {args.loop} loop, {args.allocator if args.device == 'cpu' else 'caching'} allocator"
-          f"{', checkpointing' if args.checkpointing else ''}, {args.steps} steps)", flush=True)
+          f"{', checkpointing' if args.checkpointing else ''}, "
+          f"{f'{args.varied} steps of varied widths + ' if args.varied and args.device == 'cpu' else ''}"
+          f"{args.steps} steps)", flush=True)
 
     def report(shape, seq, batch, got):
         est = estimate(shape, seq, batch, args).measurable_gb * 1024

@@ -313,3 +313,42 @@ def test_when_checkpointing_is_needed_anyway_the_packed_copies_come_back_if_they
     check_plan(plan, settings, log=logged.append, model_config=QWEN)
     assert settings.gradient_checkpointing and not settings.packed_weights
     assert any("not pre-packed" in line for line in logged)
+
+
+def test_primitive_cache_cap_is_set_once_and_leaves_the_users_own_value(monkeypatch):
+    names = ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY")
+    for name in names:
+        monkeypatch.delenv(name, raising=False)
+    assert packed_linear.limit_primitive_cache(0) == {n: None for n in names}  # 0: the libraries' defaults
+    assert packed_linear.limit_primitive_cache(160) == {n: "160" for n in names}
+    assert packed_linear.limit_primitive_cache(500) == {n: "160" for n in names}  # set once
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "2048")  # the user's choice wins
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY")
+    assert packed_linear.limit_primitive_cache(96) == {"LRU_CACHE_CAPACITY": "2048", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "96"}
+
+
+def test_primitive_cache_cap_covers_a_steps_attention_blocks_and_the_estimate_counts_it():
+    import types
+
+    from hafs.training.attention import ATTENTION_BLOCK
+    from hafs.training.memory import estimate_memory
+    from hafs.training.memory_check import settings_kwargs
+    from hafs.training.precision import run_settings
+
+    def settings(device, seq):
+        return run_settings(types.SimpleNamespace(device=device, precision="bf16", packing=True, sequence_length=seq,
+                                                  gradient_checkpointing=False))
+
+    caps = [settings("cpu", seq).onednn_cache_capacity for seq in (256, 1024, 4096)]
+    assert caps == sorted(caps) and caps[0] >= 64
+    for seq, cap in zip((256, 1024, 4096), caps):
+        assert cap >= 64 + 6 * -(-seq // ATTENTION_BLOCK)  # 6 GEMM shapes per attention block, fwd + bwd
+    assert settings("cuda", 1024).onednn_cache_capacity == 0
+    cfg = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "intermediate_size": 128, "vocab_size": 512, "model_type": "qwen2"}
+    common = dict(sequence_length=1024, batch_size=1, lora_r=8, lora_targets=["q_proj"], packing=True)
+    run = settings_kwargs(settings("cpu", 1024))
+    capped = estimate_memory(cfg, **common, **run)
+    default = estimate_memory(cfg, **common, **{**run, "primitive_cache_entries": 0})  # the libraries' 1,024
+    gap = (default.overhead_gb - capped.overhead_gb) * 2**30
+    assert gap == (1024 - caps[1]) * packed_linear.CACHE_ENTRY_BYTES

@@ -101,7 +101,11 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
         if single:
             return sdpa_attention_forward(module, query, key, value, None, scaling=scaling, is_causal=True, **kwargs)
         return _cuda_varlen(query, key, value, segments, scaling, gqa), None
-    if single:
+    # One example per row: one call, unless its kept probabilities would exceed the block budget while
+    # one row's fit; then the rows go in groups within it, as packed rows' examples do (the memory
+    # estimate counts probabilities for both, and the block kernel is 1.7-2.6x faster than the flash one).
+    if single and (str(query.dtype) != "torch.bfloat16" or within_block_budget(batch, heads, width)
+                   or not within_block_budget(1, heads, width)):
         return _causal(query, key, value, scaling, gqa).transpose(1, 2).contiguous(), None
     plans = _batch_cache["plans"]
     if heads not in plans:
@@ -226,10 +230,14 @@ def _block_causal_function():
             e = min(width, s + ATTENTION_BLOCK)
             yield s, e, above_diagonal(e - s)
 
-    def gemm(a, b, scale):
+    def gemm(a, b, scale, out=None):
         """Batched a @ b with the scale applied inside the GEMM (no extra pass, one rounding)."""
         return torch.baddbmm(torch.empty((), dtype=a.dtype, device=a.device).expand(1, 1, 1), a, b,
-                             beta=0, alpha=scale)
+                             beta=0, alpha=scale, out=out)
+
+    def scratch(like, rows: int, width: int):
+        """One buffer for the largest block's [rows, width] matrices, reused by every block."""
+        return torch.empty(rows * min(ATTENTION_BLOCK, width) * width, dtype=like.dtype, device=like.device)
 
     class BlockCausal(torch.autograd.Function):
         """Query block [s, e) against keys [0, e): the heads sharing a kv head are stacked as rows (one
@@ -238,7 +246,12 @@ def _block_causal_function():
         The scores leave the GEMM scaled and rounded to the input dtype once (as in transformers'
         eager attention; CPU GEMMs have no fp32 output for bf16 inputs); softmax and its backward
         run on them with fp32 arithmetic inside torch's kernels, which write bf16: no fp32 copies
-        of the T x T blocks (1.2-1.9x faster than upcasting them, and closer to an fp64 reference)."""
+        of the T x T blocks (1.2-1.9x faster than upcasting them, and closer to an fp64 reference).
+
+        All blocks' probabilities live in one buffer allocated up front, and every block's scores
+        (and, backward, its dP and dS) in one reused scratch buffer: allocated block by block, the
+        growing sizes left freed scores the allocator could not reuse, which cost up to 1.5x the
+        kept probabilities again in resident memory (bench/memory_accuracy.py, seq 1,024-2,048)."""
 
         @staticmethod
         def forward(ctx, q, k, v, scale):
@@ -248,21 +261,25 @@ def _block_causal_function():
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
             q5 = q.view(b, hk, g, t, d)
             out = torch.empty(b, hk, g, t, d, dtype=q.dtype, device=q.device)
-            probs = []
+            kept = torch.empty(b * h * saved_probabilities(t), dtype=q.dtype, device=q.device)
+            work = scratch(q, b * h, t)
+            offset = 0
             for s, e, mask in blocks(t):
                 n = e - s
-                scores = gemm(q5[:, :, :, s:e].reshape(b * hk, g * n, d), k[:, :, :e].reshape(b * hk, e, d).mT, scale)
+                size = b * h * n * e
+                scores = gemm(q5[:, :, :, s:e].reshape(b * hk, g * n, d), k[:, :, :e].reshape(b * hk, e, d).mT,
+                              scale, out=work[:size].view(b * hk, g * n, e))
                 scores.view(b, hk, g, n, e)[..., s:e].masked_fill_(mask, float("-inf"))
-                p = torch.softmax(scores, dim=-1)
+                p = torch.ops.aten._softmax.out(scores, -1, False, out=kept[offset:offset + size].view_as(scores))
                 out[:, :, :, s:e] = torch.bmm(p, v[:, :, :e].reshape(b * hk, e, d)).view(b, hk, g, n, d)
-                probs.append(p)
-            ctx.save_for_backward(q, k, v, *probs)
+                offset += size
+            ctx.save_for_backward(q, k, v, kept)
             ctx.scale = scale
             return out.view(b, h, t, d)
 
         @staticmethod
         def backward(ctx, grad_out):
-            q, k, v, *probs = ctx.saved_tensors
+            q, k, v, kept = ctx.saved_tensors
             b, h, t, d = q.shape
             hk = k.shape[1]
             g = h // hk
@@ -272,13 +289,19 @@ def _block_causal_function():
             dq = torch.empty(b, hk, g, t, d, dtype=q.dtype, device=q.device)
             dk = torch.zeros(b, hk, t, d, dtype=acc, device=q.device)
             dv = torch.zeros(b, hk, t, d, dtype=acc, device=q.device)
-            for (s, e, _), p in zip(blocks(t), probs):
+            work_dp, work_ds = scratch(q, b * h, t), scratch(q, b * h, t)
+            offset = 0
+            for s, e, _ in blocks(t):
                 n = e - s
+                size = b * h * n * e
+                p = kept[offset:offset + size].view(b * hk, g * n, e)
+                offset += size
                 qb = q5[:, :, :, s:e].reshape(b * hk, g * n, d)
                 dob = do5[:, :, :, s:e].reshape(b * hk, g * n, d)
                 dv[:, :, :e] += torch.bmm(p.mT, dob).view(b, hk, e, d)
-                dp = torch.bmm(dob, v[:, :, :e].reshape(b * hk, e, d).mT)
-                ds = torch._softmax_backward_data(dp, p, -1, q.dtype)  # P * (dP - rowsum(dP * P))
+                dp = torch.bmm(dob, v[:, :, :e].reshape(b * hk, e, d).mT, out=work_dp[:size].view_as(p))
+                # P * (dP - rowsum(dP * P))
+                ds = torch.ops.aten._softmax_backward_data.out(dp, p, -1, q.dtype, grad_input=work_ds[:size].view_as(p))
                 dq[:, :, :, s:e] = gemm(ds, k[:, :, :e].reshape(b * hk, e, d), ctx.scale).view(b, hk, g, n, d)
                 dk[:, :, :e] += torch.bmm(ds.mT, qb).view(b, hk, e, d)
             return dq.view(b, h, t, d), dk.mul_(ctx.scale).to(k.dtype), dv.to(v.dtype), None

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 from .errors import Problem, TrainingError
 from .loss import IGNORE_INDEX, causal_lm_loss, count_labelled, plain_head
-from .packed_linear import packed_weights
+from .packed_linear import limit_primitive_cache, packed_weights
 from .precision import RunSettings, run_settings
 from .progress import ProgressPrinter
 
@@ -224,6 +224,7 @@ def train(model, optimizer, scheduler, batches, plan, state: TrainState | None =
     if state.step == 0 and state.micro_batch == 0 and state.epoch == 0:
         torch.manual_seed(plan.seed + dist.rank)  # dropout; a resumed run has its RNG restored by the caller
     device = settings.device
+    limit_primitive_cache(settings.onednn_cache_capacity)  # no-op after the process's first matmul
     params = [p for p in model.parameters() if p.requires_grad]
     scaler = torch.amp.GradScaler(device.split(":")[0]) if settings.grad_scaler else None
     plain = plain_head(model)

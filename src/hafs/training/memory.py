@@ -33,7 +33,7 @@ RUNTIME_GB = {"cpu": 0.45, "cuda": 0.6, "mps": 0.6}
 # Fraction of activation + loss memory added for allocator behaviour. glibc's default malloc raises its
 # mmap threshold after the first large free, so freed activations stay in the heap and peak RSS settles
 # well above the live tensors; with a fixed threshold (`release_freed_memory`) RSS follows the tensors.
-FRAGMENTATION = {"cpu": 0.45, "cpu-mmap": 0.0, "cuda": 0.05, "mps": 0.10}
+FRAGMENTATION = {"cpu": 0.35, "cpu-mmap": 0.0, "cuda": 0.05, "mps": 0.10}
 CPU_ALLOCATORS = ("glibc", "mmap")
 
 
@@ -165,7 +165,7 @@ class MemoryEstimate:
                  + (", checkpointed" if s.get("gradient_checkpointing") else "")),
                 ("logits/loss buffers", self.logits_gb, (f"chunks of {s.get('loss_chunk', 0):,} tokens x "
                                                         f"{s.get('vocab', 0):,} vocab")),
-                ("framework overhead", self.overhead_gb, "allocator, workspaces"),
+                ("framework overhead", self.overhead_gb, "allocator, workspaces, cached matmul primitives"),
                 ("runtime", self.runtime_gb, s.get("runtime_note", ""))]
         lines = [f"{name:<25}{gb:7.2f} GiB  {why}" for name, gb, why in rows]
         return "\n".join(lines + [f"{'total':<25}{self.total_gb:7.2f} GiB  ({s.get('device_kind', '?')})"])
@@ -212,7 +212,8 @@ def estimate_memory(model_config, *, sequence_length: int, batch_size: int, lora
                     labelled_fraction: float = 1.0, autocast: bool | None = None,
                     dropout_mask_bytes: int | None = None, lora_input_cast: bool = True,
                     lean_kernels: bool = False, lean_rms_norm: bool = False, cpu_allocator: str = "glibc",
-                    weight_shards: int = 1, packed_weights: bool = False) -> MemoryEstimate:
+                    weight_shards: int = 1, packed_weights: bool = False,
+                    primitive_cache_entries: int | None = None) -> MemoryEstimate:
     """Predict the peak memory of LoRA training; see the module docstring for what each term counts.
 
     `model_config` is a config.json dict (or a ModelShape). `labelled_fraction` is the share of tokens
@@ -303,6 +304,11 @@ def estimate_memory(model_config, *, sequence_length: int, batch_size: int, lora
 
     frag = FRAGMENTATION["cpu-mmap" if device == "cpu" and cpu_allocator == "mmap" else device]
     overhead = FRAMEWORK_OVERHEAD_GB[device] * GIB + frag * (activations + logits)
+    if device == "cpu":  # cached matmul primitives: the run's cap (RunSettings.onednn_cache_capacity), 0 = default
+        from .packed_linear import CACHE_ENTRY_BYTES, primitive_cache_capacity
+
+        entries = primitive_cache_capacity(seq) if primitive_cache_entries is None else primitive_cache_entries
+        overhead += (entries or 1024) * CACHE_ENTRY_BYTES
     runtime_note = {"cpu": "Python, torch, transformers (outside the measured peak)",
                     "cuda": "CUDA context and allocator reserve", "mps": "Metal runtime"}[device]
     settings = {"model_type": shape.model_type, "parameters": params, "lora_parameters": lora_params,

@@ -78,7 +78,8 @@ def settings_kwargs(settings) -> dict:
                 "dropout_mask_bytes": 1 if getattr(settings, "fast_dropout", False) else None,
                 "lean_kernels": lean, "lean_rms_norm": lean and bool(getattr(settings, "lean_rms_norm", False)),
                 "cpu_allocator": allocator if allocator in CPU_ALLOCATORS else "glibc",
-                "packed_weights": bool(getattr(settings, "packed_weights", False))}
+                "packed_weights": bool(getattr(settings, "packed_weights", False)),
+                "primitive_cache_entries": getattr(settings, "onednn_cache_capacity", None)}
 
 
 def _plan_kwargs(plan, settings=None, caps=None) -> dict:

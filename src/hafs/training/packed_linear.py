@@ -25,6 +25,33 @@ _packs: dict[int, tuple] = {}
 # id(weight) -> (weight, stamp, forward pack, transposed pack); filled only inside packed_weights().
 
 
+CACHE_ENTRY_BYTES = 1 << 20
+"""Resident memory per cached matmul shape (ideep + oneDNN entries: JIT code, scratchpad), measured on this
+CPU by bench/memory_accuracy.py: 0.6-1.2 MiB whatever the model's size."""
+
+
+def primitive_cache_capacity(sequence_length: int) -> int:
+    """Cache entries one training step reuses: ~64 for the linears, adapters and loss, and 6 per attention
+    block of the longest example (attention.ATTENTION_BLOCK), 8 for margin."""
+    from .attention import ATTENTION_BLOCK
+
+    return 64 + 8 * -(-max(1, int(sequence_length)) // ATTENTION_BLOCK)
+
+
+def limit_primitive_cache(capacity: int) -> dict:
+    """Cap the two caches of matmul primitives, torch's ideep (LRU_CACHE_CAPACITY) and oneDNN's own
+    (ONEDNN_PRIMITIVE_CACHE_CAPACITY), at `capacity` entries each, unless the user set them; returns the
+    values in effect. Both are read when the first primitive is made, so this must run before the
+    process's first CPU matmul (later calls change nothing). See precision.run_settings for the why."""
+    import os
+
+    names = ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY")
+    if capacity > 0:
+        for name in names:
+            os.environ.setdefault(name, str(int(capacity)))
+    return {name: os.environ.get(name) for name in names}
+
+
 def packable(weight) -> bool:
     """A frozen, plain (not sharded or subclassed), contiguous bf16 CPU matrix."""
     import torch

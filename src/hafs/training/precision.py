@@ -52,6 +52,8 @@ class RunSettings:
     """kernels.patch_rotary: the rotary embedding of q and k as one autograd node (same values)."""
     packed_weights: bool = False
     """Frozen bf16 Linear weights pre-packed for oneDNN during training (packed_linear; CPU, costs 2 copies)."""
+    onednn_cache_capacity: int = 0
+    """Matmul primitives torch's oneDNN caches keep (packed_linear.limit_primitive_cache; 0: their default, 1,024)."""
     cpu_allocator: str = "glibc"
     """CPU malloc: glibc as is, or "mmap" after memory.release_freed_memory() (see run_settings)."""
     liger: bool = False
@@ -245,6 +247,16 @@ def run_settings(plan, caps=None) -> RunSettings:
     # allocation again (+11% CPU time at 1 MiB, +43% at 64 KiB). Speed first: glibc stays, and
     # the peak is still below TRL's (2.9 vs 4.7 GB) on the same data.
     s.cpu_allocator = "glibc"
+    # torch's oneDNN bindings (ideep) and oneDNN itself each cache up to 1,024 matmul primitives, with
+    # their JIT code and scratchpads. Length-grouped batches bring new shapes nearly every step, so the
+    # caches only grow: over the benchmark's epoch they took peak RSS from 1.4 to 2.3 GB and made the
+    # epoch 5-10% slower. Capped at what one step reuses (every layer repeats the first one's shapes:
+    # packed_linear.primitive_cache_capacity), the memory stays flat (memory.estimate_memory counts
+    # it); a cap below that re-creates primitives every layer (3x slower attention at 1,024 tokens).
+    if kind == "cpu":
+        from .packed_linear import primitive_cache_capacity
+
+        s.onednn_cache_capacity = primitive_cache_capacity(int(getattr(plan, "sequence_length", 0) or 2048))
     # torch.compile: on CPU, compiling the training graph took longer than the benchmark's whole
     # epoch, so it is off; nothing here turns it on yet.
     s.compile = False

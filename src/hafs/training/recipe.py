@@ -59,6 +59,7 @@ def run(plan: TrainingConfig, opts: RunOptions, log=print) -> Path:
         log(f"note: {note}")
     pre.raise_for_problems(plan.preset)
     settings = engine.run_settings(plan, caps)
+    engine.limit_primitive_cache(settings.onednn_cache_capacity)  # before the first matmul (packed_linear)
     # Under torchrun: join the workers; only rank 0 prints, writes and tracks (see distributed.py).
     ctx = distributed.init(settings.device, plan)
     settings.device = ctx.device
