@@ -324,7 +324,8 @@ def test_primitive_cache_cap_is_set_once_and_leaves_the_users_own_value(monkeypa
     assert packed_linear.limit_primitive_cache(500) == {n: "160" for n in names}  # set once
     monkeypatch.setenv("LRU_CACHE_CAPACITY", "2048")  # the user's choice wins
     monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY")
-    assert packed_linear.limit_primitive_cache(96) == {"LRU_CACHE_CAPACITY": "2048", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "96"}
+    assert packed_linear.limit_primitive_cache(96) == {"LRU_CACHE_CAPACITY": "2048",
+                                                       "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "96"}
 
 
 def test_primitive_cache_cap_covers_a_steps_attention_blocks_and_the_estimate_counts_it():
