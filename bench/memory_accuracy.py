@@ -5,7 +5,9 @@
     python bench/memory_accuracy.py --allocator mmap --steps 2   # after memory.release_freed_memory()
     python bench/memory_accuracy.py --device cuda --shapes tiny,bench,qwen1.5b --steps 2   # on a GPU
 
-Each CPU case trains a few steps in a fresh subprocess; CUDA cases share one process per shape. Measured:
+Each CPU case trains in a fresh subprocess: 16 steps of random row widths (`--varied`; length-grouped
+batches bring a new shape nearly every step, and the allocator's heap and torch's caches of matmul
+primitives grow with them), then `--steps` at full width; CUDA cases share one process per shape. Measured:
 CPU = peak RSS (VmHWM) minus the RSS after importing torch/transformers/peft (the interpreter baseline);
 CUDA = torch.cuda.max_memory_allocated. Compared with `MemoryEstimate.measurable_gb` (the estimate less
 the runtime it cannot see). Target: within ±25%.
