@@ -102,7 +102,9 @@ def build_model(model_dir: str | None, cfg: dict, device: str, checkpointing: bo
             model = AutoModelForCausalLM.from_config(Qwen2Config(**cfg), dtype=torch.bfloat16, attn_implementation=attn)
     model = model.to(device)
     if checkpointing and not settings:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from hafs.training.model_loading import enable_checkpointing
+
+        enable_checkpointing(model)
         model.enable_input_require_grads()
     model = get_peft_model(model, LoraConfig(r=LORA_R, lora_alpha=LORA_R, target_modules=TARGETS,
                                              lora_dropout=LORA_DROPOUT), autocast_adapter_dtype=True)

@@ -11,7 +11,7 @@ pytest.importorskip("peft")
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch on one thread
 
-from hafs.training import kernels, packed_linear  # noqa: E402
+from hafs.training import kernels, model_loading, packed_linear  # noqa: E402
 from hafs.training import loss as loss_module  # noqa: E402
 from hafs.training.loss import causal_lm_loss  # noqa: E402
 from hafs.training.memory import estimate_memory  # noqa: E402
@@ -271,7 +271,7 @@ def test_fused_node_under_gradient_checkpointing_recomputes_the_same_loss(monkey
     model, b = lora_model_qkv(), batch()
     with packed_linear.packed_weights(model):
         loss, grads = step(model, b)
-    model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model_loading.enable_checkpointing(model.get_base_model())
     nodes = []
     original = fused_qkv._qkv_function()
     monkeypatch.setattr(fused_qkv, "_qkv_function", lambda: type("Counted", (), {

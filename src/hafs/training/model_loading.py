@@ -159,9 +159,19 @@ def prepare_for_training(model, settings: RunSettings) -> None:
     if settings.lean_rotary:
         kernels.patch_rotary(model)
     if settings.gradient_checkpointing:
-        # Non-reentrant: works with frozen embeddings (no enable_input_require_grads hack) and
-        # with keyword arguments; reentrant checkpointing is deprecated in torch.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
+
+
+def enable_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing: works with frozen embeddings (no enable_input_require_grads
+    hack) and with keyword arguments; reentrant checkpointing is deprecated in torch. transformers v5
+    names it activation_checkpointing_enable (gradient_checkpointing_enable warns); v4 has only the old name."""
+    kwargs = {"use_reentrant": False}
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def apply_liger(model) -> bool:
