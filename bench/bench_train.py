@@ -12,7 +12,10 @@ long-tailed like real instruction data (median ~120, p90 ~310, max ~1,400 tokens
 
 Rows (each in its own subprocess, so peak RSS is per row):
   hafs     hafs's engine: the plan resolved from a generated training.toml, hafs data pipeline.
-  hafs-gc  (GPU) the same with gradient checkpointing (memory for time).
+  hafs-fit (GPU) hafs given the trl row's peak memory as its profile's budget: the plan's memory
+           check checkpoints the fewest layers that fit it (the same speed-for-memory trade TRL's
+           default makes, on as many layers as needed instead of all).
+  hafs-gc  (GPU) the same with gradient checkpointing on every layer (memory for time).
   earlier  the user's earlier trainer: transformers Trainer + peft, every sample padded to
            sequence_length, labels on every token (padding too), fp32. Every step costs the same,
            so it is timed on --earlier-steps steps (default 12) and scaled to the epoch.
@@ -88,7 +91,8 @@ SPECS = {
     "gpu-small": Spec("gpu-small", 128, 2, 4, 2, 384, 151936, 48, 16, 60, 300, 512, tokenizer_vocab=4096),
 }
 ROWS_CPU = ["hafs", "earlier", "trl", "trl-nogc"]
-ROWS_GPU = ["hafs", "trl", "hafs-gc", "trl-liger"]  # in order of importance (a time budget may cut the tail)
+# In order of importance (a time budget may cut the tail); hafs-fit needs trl's figure first.
+ROWS_GPU = ["hafs", "trl", "hafs-fit", "trl-liger", "hafs-gc"]
 
 # --------------------------------------------------------------------------- fixture
 
@@ -299,8 +303,10 @@ def worker(row: str, spec: Spec, root: Path, args) -> dict:
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     if row.startswith("hafs"):
-        plan.gradient_checkpointing = row == "hafs-gc" or plan.gradient_checkpointing
-        adapter, seconds, extra = train_hafs(plan, prepared, device)
+        plan.gradient_checkpointing = True if row == "hafs-gc" else plan.gradient_checkpointing
+        if row == "hafs-fit":
+            plan.hardware.available_memory_gb = args.fit_gb
+        adapter, seconds, extra = train_hafs(plan, prepared, device, args)
     elif row == "earlier":
         epoch_steps = -(-len(prepared.train) // plan.batch_size)
         if args.earlier_steps and not args.steps and args.earlier_steps < epoch_steps:
@@ -326,13 +332,22 @@ def worker(row: str, spec: Spec, root: Path, args) -> dict:
     return result
 
 
-def train_hafs(plan, prepared, device):
+def train_hafs(plan, prepared, device, args):
     import torch
 
-    from hafs.training import engine, hardware, model_loading
+    from hafs.training import engine, hardware, memory_check, model_loading
     from hafs.training.precision import run_settings
 
-    settings = run_settings(plan, hardware.detect())
+    caps = hardware.detect()
+    settings = run_settings(plan, caps)
+    notes = []
+    # As the trainer (recipe.run): the memory check decides checkpointing, for this data's longest rows.
+    estimate = memory_check.check_plan(plan, settings, log=notes.append, caps=caps)
+    memory_check.relax_for_data(plan, settings, prepared.train.stats.max, estimate, log=notes.append, caps=caps)
+    for option in args.run_set:  # levers measured before they become run_settings' choice
+        key, value = option.split("=", 1)
+        kind = type(getattr(settings, key))
+        setattr(settings, key, value.lower() in ("1", "true", "yes") if kind is bool else kind(value))
     model, tok = model_loading.load_model_and_tokenizer(plan, settings.device, settings.precision, settings,
                                                         log=lambda *a: None)
     model = model_loading.apply_lora(model, plan, settings)
@@ -342,16 +357,48 @@ def train_hafs(plan, prepared, device):
     sched = engine.build_scheduler(opt, plan, total)
     if device == "cuda":
         torch.cuda.synchronize()
+    profiler = _profiler(device, args.profile)
     t0, c0 = time.perf_counter(), time.process_time()
-    state = engine.train(model, opt, sched, source, plan, engine.TrainState(total_steps=total),
-                         settings=settings, progress=engine.ProgressPrinter(total, 10, stream=sys.stderr))
-    if device == "cuda":
-        torch.cuda.synchronize()
+    with profiler:
+        state = engine.train(model, opt, sched, source, plan, engine.TrainState(total_steps=total),
+                             settings=settings, progress=engine.ProgressPrinter(total, 10, stream=sys.stderr))
+        if device == "cuda":
+            torch.cuda.synchronize()
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    if args.profile:
+        _write_profile(profiler, device, seconds, state.step)
     flops = useful_flops(model.get_base_model().config, prepared.train, plan)
     return adapter_state(model), seconds, {"steps": state.step, "settings": settings.describe(), "cpu_seconds": cpu,
+                                           "notes": notes,
                                            "tokens_seen": state.tokens,
                                            "flops": flops, "final_train_loss": state.last_loss()}
+
+
+def _profiler(device: str, on: bool):
+    """torch.profiler over the hafs row's training (--profile), else nothing."""
+    import contextlib
+
+    if not on:
+        return contextlib.nullcontext()
+    from torch.profiler import ProfilerActivity, profile
+
+    return profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else []))
+
+
+def _write_profile(prof, device: str, seconds: float, steps: int) -> None:
+    """Where a step's time goes: ops by self CPU time, kernels by device time, and how busy the device was."""
+    sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    events = prof.key_averages()
+    busy = sum(getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0) for e in events)
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    text = (f"{steps} steps in {seconds:.2f} s ({1e3 * seconds / max(steps, 1):.1f} ms/step); device busy "
+            f"{busy / 1e6:.2f} s ({100 * busy / 1e6 / seconds:.0f}%); kernel launches {launches} "
+            f"({launches / max(steps, 1):.0f}/step)\n\n"
+            + events.table(sort_by="self_cpu_time_total", row_limit=30) + "\n\n"
+            + events.table(sort_by=sort, row_limit=30))  # "self_cuda_time_total" is accepted by torch 2.4-2.13
+    out = Path(os.environ.get("OUT") or ".")
+    (out / "profile_hafs.txt").write_text(text)
+    print(text.split("\n")[0], file=sys.stderr)
 
 
 def useful_flops(config, split, plan) -> float:
@@ -542,8 +589,9 @@ def copy_rate(device: str, numel: int, reps: int) -> float:
 
 def run_row(row: str, spec: Spec, root: Path, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", row, "--spec", spec.name, "--threads", str(args.threads),
-           "--cache", str(args.cache), "--steps", str(args.steps), "--earlier-steps", str(args.earlier_steps)] + [
-               x for o in args.hafs_set for x in ("--hafs-set", o)]
+           "--cache", str(args.cache), "--steps", str(args.steps), "--earlier-steps", str(args.earlier_steps),
+           "--fit-gb", str(args.fit_gb)] + [x for o in args.hafs_set for x in ("--hafs-set", o)] + (
+               ["--profile"] if args.profile else []) + [x for o in args.run_set for x in ("--run-set", o)]
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error",
                PYTHONWARNINGS="ignore", HAFS_CACHE_DIR=str(args.cache / "hafs-cache"))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -566,15 +614,21 @@ def table(results: list[dict], spec: Spec, peak: float, device: str) -> str:
                      f"{r['seconds']:>8.1f} {mem:>13.2f} "
                      f"{r['val_loss']:>9.4f}  {r.get('settings', '')}")
     ok = {r["row"]: r for r in results if "error" not in r}
-    if "hafs" in ok:
-        h = ok["hafs"]
+    for r in ok.values():
+        lines += [f"  {r['row']}: {note}" for note in r.get("notes", [])]
+    for mine in ("hafs", "hafs-fit"):
+        if mine not in ok:
+            continue
+        h = ok[mine]
         lines.append("")
         for name, r in ok.items():
-            if name != "hafs":
+            if not name.startswith("hafs"):
                 mem_h = h.get("max_memory_allocated_gb") if device == "cuda" else h["peak_rss_gb"]
                 mem_r = r.get("max_memory_allocated_gb") if device == "cuda" else r["peak_rss_gb"]
-                lines.append(f"hafs vs {name:<9}: {h['tokens_per_second'] / r['tokens_per_second']:.2f}x tokens/s, "
+                lines.append(f"{mine} vs {name:<9}: {h['tokens_per_second'] / r['tokens_per_second']:.2f}x tokens/s, "
                              f"{mem_h / mem_r:.2f}x memory, val loss {100 * (h['val_loss'] / r['val_loss'] - 1):+.1f}%")
+    if "hafs" in ok:
+        h = ok["hafs"]
         achieved = h["flops"] * h["tokens_trained"] / h["dataset_tokens"] / h["seconds"]
         lines.append(f"hafs achieved {achieved / 1e9:,.0f} GFLOP/s = {100 * achieved / peak:.0f}% of the measured "
                      f"bf16 matmul rate ({peak / 1e9:,.0f} GFLOP/s)")
@@ -600,6 +654,11 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=0, help="seconds for the whole run: skip rows that would not fit")
     ap.add_argument("--hafs-set", action="append", default=[], metavar="KEY=VALUE",
                     help="plan override for the hafs row (e.g. packing=true)")
+    ap.add_argument("--run-set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="RunSettings override for the hafs rows (a lever to measure, e.g. sdpa_cudnn=false)")
+    ap.add_argument("--profile", action="store_true",
+                    help="torch.profiler over the hafs rows' training: profile_hafs.txt in $OUT (or here)")
+    ap.add_argument("--fit-gb", type=float, default=0, help=argparse.SUPPRESS)  # hafs-fit's budget, from trl's peak
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -626,16 +685,31 @@ def main() -> None:
     peak = bf16_matmul_rate(device, args.threads)
     print(f"probes: bf16 matmul {peak / 1e9:,.0f} GFLOP/s; bf16 copy {copy_rate(device, 128 << 20, 5) / 1e9:.1f} GB/s "
           f"(256 MiB), {copy_rate(device, 1 << 20, 2000) / 1e9:.0f} GB/s (2 MiB, in cache)", flush=True)
-    results, longest = [], 0.0
+    results, took = [], {}
     for row in rows:
+        if row == "hafs-fit":
+            trl = next((r for r in results if r["row"] == "trl" and "error" not in r), None)
+            if trl is None:
+                print("skipping hafs-fit: it takes the trl row's peak memory as its budget, and trl did not run")
+                continue
+            # On CUDA the trl row's figure is what its tensors took (max_memory_allocated); a profile's
+            # budget also holds the CUDA context, which the estimate adds (runtime_gb). RSS holds everything.
+            from hafs.training.memory import RUNTIME_GB
+
+            args.fit_gb = (trl["max_memory_allocated_gb"] + RUNTIME_GB["cuda"] if device == "cuda"
+                           else trl["peak_rss_gb"])
         left = args.budget - (time.time() - started) if args.budget else float("inf")
-        if left < longest * 1.2:
-            print(f"skipping {row}: {left:.0f} s of the --budget left, a row took up to {longest:.0f} s")
+        # A row takes about what the last row of its kind (hafs*, trl*) took; TRL's are the slow ones.
+        kind = row.split("-")[0]
+        expect = took.get(kind, max(took.values(), default=0.0))
+        if left < expect * 1.2:
+            print(f"skipping {row}: {left:.0f} s of the --budget left, a {kind} row took {expect:.0f} s")
             continue
         print(f"running {row} ...", flush=True)
         t0 = time.time()
         results.append(run_row(row, spec, root, args))
-        longest = max(longest, time.time() - t0)
+        took[kind] = time.time() - t0
+        print("  " + json.dumps(results[-1]), flush=True)  # each row's figures as soon as it ends
         print(f"  {row}: {time.time() - t0:.0f} s"
               + (f"  ERROR {results[-1]['error'][-1]}" if "error" in results[-1] else ""),
               flush=True)

@@ -304,3 +304,19 @@ def test_cpu_only_kernel_choices_are_settled_in_run_settings():
     gpu = run_settings(plan("cuda"), with_gpu("NVIDIA A100", (8, 0), CU128, 40))
     assert not (gpu.bf16_loss_softmax or gpu.lean_rotary or gpu.lean_rms_norm or gpu.packed_weights)
     assert gpu.fused_optimizer
+
+
+def test_forward_context_keeps_cudnn_attention_out_only_when_asked():
+    torch = pytest.importorskip("torch")
+    from hafs.training.precision import RunSettings
+
+    flags = (torch.backends.cuda.cudnn_sdp_enabled, torch.backends.cuda.flash_sdp_enabled,
+             torch.backends.cuda.mem_efficient_sdp_enabled)
+    before = [f() for f in flags]
+    with RunSettings(device="cuda", sdpa_cudnn=False).autocast():
+        assert [f() for f in flags] == [False, True, True]
+    assert [f() for f in flags] == before
+    with RunSettings(device="cuda").autocast(), RunSettings(device="cpu", sdpa_cudnn=False).autocast():
+        assert [f() for f in flags] == before  # the default, and CPU runs, leave SDPA's choice alone
+    with RunSettings(device="cpu", precision="bf16", autocast_dtype="bfloat16").autocast():
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16

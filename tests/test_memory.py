@@ -178,6 +178,66 @@ def test_checkpointing_precision_and_breakdown():
     json.dumps(parts)
 
 
+def test_checkpointing_some_layers_is_between_none_and_all():
+    kw = {"sequence_length": 2048, "batch_size": 4, "gradient_checkpointing": True}
+    none, every = est(**{**kw, "gradient_checkpointing": False}), est(**kw)
+    assert est(**kw, checkpointed_layers=28).total_gb == every.total_gb
+    assert est(**kw, checkpointed_layers=0).total_gb == none.total_gb
+    steps = [est(**kw, checkpointed_layers=k).activations_gb for k in range(29)]
+    assert all(a > b for a, b in zip(steps[:28], steps[1:28]))  # each checkpointed layer frees its activations
+    # linear in the layers left alone: what one layer keeps minus its checkpointed input
+    gaps = [a - b for a, b in zip(steps[1:28], steps[2:28])]
+    assert max(gaps) == pytest.approx(min(gaps))
+    assert "14 of 28 layers checkpointed" in est(**kw, checkpointed_layers=14).render()
+    # A run on some layers asks whether all of them would fit, as the OOM hint does.
+    fit = fit_suggestions(QWEN_15B, available_memory_gb=every.total_gb + 0.01, checkpointed_layers=20,
+                          **{k: v for k, v in est(**kw).inputs.items() if k not in ("checkpointed_layers",)
+                             and k not in ("available_memory_gb",)})
+    assert fit.gradient_checkpointing_fits is True
+
+
+def test_checkpointing_the_first_layers_recomputes_only_them_and_keeps_the_gradients():
+    torch = pytest.importorskip("torch")
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from hafs.training.model_loading import enable_checkpointing
+
+    def model():
+        torch.manual_seed(0)
+        base = Qwen2ForCausalLM(Qwen2Config(**{**TINY, "num_hidden_layers": 4}))
+        return get_peft_model(base.requires_grad_(False), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                                     init_lora_weights=False, target_modules=TARGETS))
+
+    def step(m):
+        calls, saved = [0] * 4, [0]
+        for i, layer in enumerate(m.get_base_model().model.layers):
+            # a pre-hook: the recompute stops (early_stop) as soon as it has what backward needs
+            layer.input_layernorm.register_forward_pre_hook(lambda *a, i=i: calls.__setitem__(i, calls[i] + 1))
+
+        def pack(t):
+            saved[0] += t.numel() * t.element_size()
+            return t
+        m.train()
+        ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(1))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = m(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return calls, saved[0], {n: p.grad for n, p in m.named_parameters() if p.requires_grad}
+
+    plain_calls, plain_saved, plain_grads = step(model())
+    some = model()
+    assert enable_checkpointing(some, 2) == 2
+    calls, saved, grads = step(some)
+    assert plain_calls == [1, 1, 1, 1] and calls == [2, 2, 1, 1]  # only the first two run again in backward
+    every = model()
+    assert enable_checkpointing(every) == 4
+    all_calls, all_saved, _ = step(every)
+    assert all_calls == [2, 2, 2, 2] and all_saved < saved < plain_saved
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(grads[name], grad)
+
+
 def test_fit_suggestions_are_the_largest_that_fit():
     asked = {"sequence_length": 4096, "batch_size": 4, "lora_r": 8, "lora_targets": TARGETS, "precision": "bf16",
                  "packing": False, "device_kind": "cuda"}
@@ -227,12 +287,56 @@ def test_check_plan_turns_on_checkpointing_only_when_needed(cfg):
     e = check_plan(plan, settings, log=logged.append, model_config=QWEN_15B)
     assert settings.gradient_checkpointing is True and e.settings["gradient_checkpointing"]
     assert any(f"without it the run needs ~{plain:.1f} GiB" in line for line in logged)
+    # Half-way between the two, the fewest layers that fit are checkpointed, not all 28.
+    k = settings.checkpointed_layers
+    assert 0 < k < 28 and e.settings["checkpointed_layers"] == k
+    assert e.total_gb <= plan.hardware.available_memory_gb
+    assert estimate_for_plan(plan, QWEN_15B, settings=types.SimpleNamespace(
+        **{**vars(settings), "checkpointed_layers": k - 1})).total_gb > plan.hardware.available_memory_gb
+    assert any(f"on the first {k} of 28 layers" in line for line in logged)
+    settings.checkpointed_layers = None
     plan.hardware.available_memory_gb = ckpt / 2
     settings.gradient_checkpointing = False
     with pytest.raises(HardwareError, match="does not fit in memory"):
         check_plan(plan, settings, log=logged.append, model_config=QWEN_15B)
     assert check_plan(plan, settings, force=True, log=logged.append, model_config=QWEN_15B) is not None
     assert "--force" in logged[-1]
+
+
+def test_checkpointing_is_relaxed_for_data_shorter_than_sequence_length(cfg):
+    from hafs.training.memory_check import relax_for_data
+
+    plan = resolve(cfg, "oracle-rauru-cloud")  # 2048 x 4, checkpointing left to memory
+    plan.packing = False
+    settings = types.SimpleNamespace(device="cuda", precision="bf16", attn_implementation="sdpa",
+                                     gradient_checkpointing=False, checkpointed_layers=None, loss_chunk_size=None,
+                                     autocast_dtype="bfloat16")
+    plain = estimate_for_plan(plan, QWEN_15B, settings=settings).total_gb
+    ckpt = estimate_for_plan(plan, QWEN_15B, settings=settings, gradient_checkpointing=True).total_gb
+    plan.hardware.available_memory_gb = (plain + ckpt) / 2
+    first = check_plan(plan, settings, log=lambda *a: None, model_config=QWEN_15B)
+    k = settings.checkpointed_layers
+    logged = []
+    relaxed = relax_for_data(plan, settings, 1200, first, log=logged.append, model_config=QWEN_15B)
+    assert settings.gradient_checkpointing and settings.checkpointed_layers < k
+    assert relaxed.settings["sequence_length"] == 1200 and relaxed.total_gb <= plan.hardware.available_memory_gb
+    assert "longest example has 1,200 tokens" in logged[0] and f"instead of {k}" in logged[0]
+    # Short enough data needs none at all.
+    short = relax_for_data(plan, settings, 300, relaxed, log=logged.append, model_config=QWEN_15B)
+    assert short.total_gb <= plan.hardware.available_memory_gb and not short.settings["gradient_checkpointing"]
+    assert not settings.gradient_checkpointing and settings.checkpointed_layers is None
+    assert "gradient checkpointing off" in logged[-1]
+    # Left alone: an explicit choice, packed rows (always full), data as long as the limit.
+    for change in ({"gradient_checkpointing": True}, {"packing": True}):
+        other = resolve(cfg, "oracle-rauru-cloud")
+        other.packing = False
+        for key, value in change.items():
+            setattr(other, key, value)
+        s2 = types.SimpleNamespace(**{**vars(settings), "gradient_checkpointing": True, "checkpointed_layers": 20})
+        assert relax_for_data(other, s2, 300, first, log=logged.append, model_config=QWEN_15B) is first
+        assert s2.checkpointed_layers == 20
+    s3 = types.SimpleNamespace(**{**vars(settings), "gradient_checkpointing": True, "checkpointed_layers": k})
+    assert relax_for_data(plan, s3, 2048, first, log=logged.append, model_config=QWEN_15B) is first
 
 
 def test_load_model_config_sources(tmp_path, monkeypatch):

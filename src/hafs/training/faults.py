@@ -167,15 +167,23 @@ def _checkpointing(plan, estimate) -> bool | None:
     return settings.get("gradient_checkpointing")
 
 
+def _some_layers_checkpointed(estimate) -> int | None:
+    """How many layers 'auto' checkpointed when it chose fewer than all of them (else None)."""
+    s = getattr(estimate, "settings", None) or {}
+    checked, layers = s.get("checkpointed_layers"), s.get("layers")
+    return checked if s.get("gradient_checkpointing") and checked and layers and checked < layers else None
+
+
 def oom_suggestions(plan, estimate=None) -> list[str]:
     """Concrete smaller settings, as --set options, the most effective first."""
     out = []
     fit = _fit(plan, estimate)
     if fit:
         out.append(f"{fit}  (fits the memory estimate with 30% headroom)")
-    if (not _checkpointing(plan, estimate) and plan.hardware.supports_gradient_checkpointing
-            and "gradient_checkpointing" not in fit):
-        out.append("--set gradient_checkpointing=true  (recompute activations: less memory, ~30% slower)")
+    if ((not _checkpointing(plan, estimate) or _some_layers_checkpointed(estimate))
+            and plan.hardware.supports_gradient_checkpointing and "gradient_checkpointing" not in fit):
+        out.append("--set gradient_checkpointing=true  (recompute the activations of every layer: less memory, "
+                   "~30% slower)")
     if plan.batch_size > 1:
         out.append(f"--set batch_size={plan.batch_size // 2} --set gradient_accumulation="
                    f"{plan.gradient_accumulation * 2}  (same effective batch, half the activations)")
@@ -202,7 +210,8 @@ def _fit(plan, estimate) -> str:
         fit = memory.fit_suggestions(
             load_model_config(plan.expert.base_model), available_memory_gb=budget,
             sequence_length=plan.sequence_length, batch_size=plan.batch_size,
-            gradient_checkpointing=bool(s.get("gradient_checkpointing")), lora_r=plan.lora.r,
+            gradient_checkpointing=bool(s.get("gradient_checkpointing")),
+            checkpointed_layers=_some_layers_checkpointed(estimate), lora_r=plan.lora.r,
             lora_targets=plan.lora.target_modules, precision=s.get("precision", plan.precision),
             packing=plan.packing, attn_impl=s.get("attn_impl", "sdpa"), device_kind=s.get("device_kind", "cpu"),
             weight_shards=s.get("weight_shards", 1))

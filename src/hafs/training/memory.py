@@ -162,7 +162,7 @@ class MemoryEstimate:
                                                     f"{s.get('precision', '')}{sharded}{packed}")),
                 ("LoRA params+grads+AdamW", self.lora_gb, f"{s.get('lora_parameters', 0) / 1e6:,.2f}M params, fp32"),
                 ("activations", self.activations_gb, f"{s.get('tokens', 0):,} tokens, attention {s.get('attn_impl')}"
-                 + (", checkpointed" if s.get("gradient_checkpointing") else "")),
+                 + _checkpointed_text(s)),
                 ("logits/loss buffers", self.logits_gb, (f"chunks of {s.get('loss_chunk', 0):,} tokens x "
                                                         f"{s.get('vocab', 0):,} vocab")),
                 ("framework overhead", self.overhead_gb, "allocator, workspaces, cached matmul primitives"),
@@ -197,6 +197,20 @@ class MemoryEstimate:
                        file=plan.config_path if not plan.config_path.startswith("<") else "", hint=hint)
 
 
+def checkpointed_count(layers: int, gradient_checkpointing: bool, checkpointed_layers: int | None) -> int:
+    """Decoder layers checkpointed: none without checkpointing, else `checkpointed_layers` (None: all)."""
+    if not gradient_checkpointing:
+        return 0
+    return layers if checkpointed_layers is None else max(0, min(int(checkpointed_layers), layers))
+
+
+def _checkpointed_text(settings: dict) -> str:
+    checked, layers = settings.get("checkpointed_layers", 0), settings.get("layers", 0)
+    if not settings.get("gradient_checkpointing"):
+        return ""
+    return ", checkpointed" if checked >= layers else f", {checked} of {layers} layers checkpointed"
+
+
 def default_loss_chunk(vocab: int) -> int:
     """Labelled tokens per lm_head/cross-entropy chunk when the run does not set one (the trainer's rule)."""
     try:
@@ -213,7 +227,8 @@ def estimate_memory(model_config, *, sequence_length: int, batch_size: int, lora
                     dropout_mask_bytes: int | None = None, lora_input_cast: bool = True,
                     lean_kernels: bool = False, lean_rms_norm: bool = False, cpu_allocator: str = "glibc",
                     weight_shards: int = 1, packed_weights: bool = False,
-                    primitive_cache_entries: int | None = None) -> MemoryEstimate:
+                    primitive_cache_entries: int | None = None,
+                    checkpointed_layers: int | None = None) -> MemoryEstimate:
     """Predict the peak memory of LoRA training; see the module docstring for what each term counts.
 
     `model_config` is a config.json dict (or a ModelShape). `labelled_fraction` is the share of tokens
@@ -226,6 +241,8 @@ def estimate_memory(model_config, *, sequence_length: int, batch_size: int, lora
     "glibc" (the default malloc) or "mmap" (after `release_freed_memory()`).
     `weight_shards`: workers the decoder layers are sharded over (distributed = "fsdp"); per worker.
     `packed_weights`: packed_linear's two extra copies of every frozen Linear weight and the LM head.
+    `checkpointed_layers`: with gradient_checkpointing, how many decoder layers (the first ones) are
+    checkpointed; None: all of them.
     """
     inputs = {k: v for k, v in locals().items() if k != "model_config"}
     if attn_impl not in ATTN_IMPLS:
@@ -278,19 +295,20 @@ def estimate_memory(model_config, *, sequence_length: int, batch_size: int, lora
             per_layer += probs - tokens * shape.heads * (4 + shape.head_dim * act)
     if attn_impl == "eager":
         per_layer += batch * shape.heads * seq * seq * (4 + act)  # fp32 softmax + its cast copy
-    # The [B,1,T,T] bool mask is shared; each layer's SDPA converts it to an additive copy it keeps.
-    mask_copies = 0 if not masked else (1 if gradient_checkpointing else shape.layers)
+    checked = checkpointed_count(shape.layers, gradient_checkpointing, checkpointed_layers)
+    # The [B,1,T,T] bool mask is shared; each layer's SDPA converts it to an additive copy it keeps
+    # (a checkpointed layer only while backward recomputes it, one at a time).
+    mask_copies = 0 if not masked else shape.layers - checked + (1 if checked else 0)
     mask = batch * seq * seq * (1 + act * mask_copies) if masked else 0
-    if gradient_checkpointing:
-        # Non-reentrant checkpointing keeps each layer's input; backward recomputes one layer at a time.
-        kept = shape.layers * tokens * h * act + per_layer
-    else:
+    # Non-reentrant checkpointing keeps each checkpointed layer's input; backward recomputes one
+    # layer at a time, once the layers after it (which keep everything) have freed theirs.
+    kept = checked * tokens * h * act + max(shape.layers - checked, 1 if checked else 0) * per_layer
+    if not checked:
         # The first layer's input comes from frozen embeddings and needs no gradient, so its first norm
         # keeps nothing and dropout on the modules it feeds keeps no mask.
         fed = 0 if lean_kernels else sum(dims[t][0] for t in targets if t in ("q_proj", "k_proj", "v_proj",
                                                                                "gate_proj", "up_proj"))
-        first = tokens * (4 * h + (fed * dropout_mask_bytes if lora_dropout > 0 else 0))
-        kept = shape.layers * per_layer - first
+        kept -= tokens * (4 * h + (fed * dropout_mask_bytes if lora_dropout > 0 else 0))
     # Backward of one layer needs about one layer's activations as gradients; plus the residual-stream
     # gradient (fp32 from the final norm), the final norm's input and the rotary tables.
     saved = kept + mask + tokens * h * 4 + tokens * shape.head_dim * 2 * act  # + final norm input, rotary
@@ -313,7 +331,8 @@ def estimate_memory(model_config, *, sequence_length: int, batch_size: int, lora
                     "cuda": "CUDA context and allocator reserve", "mps": "Metal runtime"}[device]
     settings = {"model_type": shape.model_type, "parameters": params, "lora_parameters": lora_params,
                     "precision": precision, "tokens": tokens, "sequence_length": seq, "batch_size": batch,
-                    "attn_impl": attn_impl, "gradient_checkpointing": bool(gradient_checkpointing),
+                    "attn_impl": attn_impl, "gradient_checkpointing": bool(checked),
+                    "checkpointed_layers": checked, "layers": shape.layers,
                     "packing": bool(packing), "loss_chunk": chunk, "vocab": shape.vocab, "device_kind": device,
                     "lora_r": lora_r, "lora_targets": targets, "runtime_note": runtime_note,
                     "cpu_allocator": cpu_allocator if device == "cpu" else "", "saved_bytes": saved,
@@ -350,16 +369,18 @@ def _layer_bytes_per_token(shape: ModelShape, targets, act: int, r: int, dropout
 def fit_suggestions(model_config: dict, *, available_memory_gb: float, sequence_length: int, batch_size: int,
                     gradient_checkpointing: bool, **kwargs) -> FitSuggestions:
     """Largest sequence_length / batch_size that fit `available_memory_gb`, and whether checkpointing would."""
-    def total(seq: int, batch: int, gc: bool = gradient_checkpointing) -> float:
+    layers = kwargs.pop("checkpointed_layers", None)
+
+    def total(seq: int, batch: int, gc: bool = gradient_checkpointing, checked: int | None = layers) -> float:
         return estimate_memory(model_config, sequence_length=seq, batch_size=batch, gradient_checkpointing=gc,
-                               **kwargs).total_gb
+                               checkpointed_layers=checked, **kwargs).total_gb
 
     asked = total(sequence_length, batch_size)
     best_seq = _largest(lambda s: total(s, batch_size) <= available_memory_gb, sequence_length, step=64)
     best_batch = _largest(lambda b: total(sequence_length, b) <= available_memory_gb, batch_size, step=1)
     gc_fits = None
-    if not gradient_checkpointing:
-        gc_fits = total(sequence_length, batch_size, True) <= available_memory_gb
+    if not gradient_checkpointing or layers is not None:  # off, or on some layers only: would all of them fit?
+        gc_fits = total(sequence_length, batch_size, True, None) <= available_memory_gb
     return FitSuggestions(fits=asked <= available_memory_gb, estimate_gb=asked, available_gb=available_memory_gb,
                           max_sequence_length=best_seq, max_batch_size=best_batch,
                           gradient_checkpointing_fits=gc_fits, sequence_length=sequence_length,

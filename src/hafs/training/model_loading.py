@@ -159,19 +159,33 @@ def prepare_for_training(model, settings: RunSettings) -> None:
     if settings.lean_rotary:
         kernels.patch_rotary(model)
     if settings.gradient_checkpointing:
-        enable_checkpointing(model)
+        enable_checkpointing(model, getattr(settings, "checkpointed_layers", None))
 
 
-def enable_checkpointing(model) -> None:
-    """Non-reentrant activation checkpointing: works with frozen embeddings (no enable_input_require_grads
-    hack) and with keyword arguments; reentrant checkpointing is deprecated in torch. transformers v5
-    names it activation_checkpointing_enable (gradient_checkpointing_enable warns); v4 has only the old name."""
+def enable_checkpointing(model, layers: int | None = None) -> int | None:
+    """Non-reentrant activation checkpointing of the first `layers` decoder layers (None: all); returns how
+    many are checkpointed (None: all, by a transformers without per-layer flags).
+
+    Non-reentrant: works with frozen embeddings (no enable_input_require_grads hack) and with keyword
+    arguments; reentrant checkpointing is deprecated in torch. transformers v5 names it
+    activation_checkpointing_enable (gradient_checkpointing_enable warns); v4 has only the old name.
+    A layer count is set on transformers' per-layer flag (GradientCheckpointingLayer, 4.52+); a model
+    without those layers checkpoints all of them, which only costs time.
+    """
     kwargs = {"use_reentrant": False}
     enable = getattr(model, "activation_checkpointing_enable", None)
     if enable is not None:
         enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # transformers < 4.52: one flag for the whole stack
+        return None
+    blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for i, block in enumerate(blocks):
+        block.gradient_checkpointing = layers is None or i < layers
+    return sum(bool(b.gradient_checkpointing) for b in blocks)
 
 
 def apply_liger(model) -> bool:

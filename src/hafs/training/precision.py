@@ -38,6 +38,8 @@ class RunSettings:
     """Lay a micro-batch's rows end to end in one row: no padding; examples kept apart by position_ids."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward (non-reentrant); memory for time."""
+    checkpointed_layers: int | None = None
+    """With checkpointing: how many decoder layers, the first ones (None: all; memory_check picks fewer)."""
     loss_chunk_size: int | None = None
     """Labelled tokens per lm_head/cross-entropy chunk (None: sized by vocabulary)."""
     bf16_loss_softmax: bool = False
@@ -62,6 +64,8 @@ class RunSettings:
     """AdamW(fused=True) (CUDA, CPU); otherwise the foreach implementation."""
     compile: bool = False
     """torch.compile the decoder layers."""
+    sdpa_cudnn: bool = True
+    """Let SDPA pick cuDNN's attention on CUDA (False: flash or memory-efficient kernels only)."""
     notes: list[str] = field(default_factory=list)
     """Decisions worth telling the user (fallbacks, forced options)."""
 
@@ -76,14 +80,21 @@ class RunSettings:
         return getattr(torch, name or self.weight_dtype)
 
     def autocast(self):
-        """Context manager for forward passes: autocast to the compute dtype, or nothing."""
+        """Context manager for forward passes: autocast to the compute dtype (or nothing), and the SDPA
+        kernels the run allows."""
         import contextlib
 
         import torch
 
-        if not self.autocast_dtype:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.split(":")[0], dtype=getattr(torch, self.autocast_dtype))
+        stack = contextlib.ExitStack()
+        if self.autocast_dtype:
+            stack.enter_context(torch.autocast(self.device.split(":")[0], dtype=getattr(torch, self.autocast_dtype)))
+        if not self.sdpa_cudnn and self.device.startswith("cuda"):
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+            stack.enter_context(sdpa_kernel(backends))
+        return stack
 
     def describe(self) -> str:
         """One line for the run header."""
@@ -93,11 +104,14 @@ class RunSettings:
         if self.padding_free:
             parts.append("padding-free")
         if self.gradient_checkpointing:
-            parts.append("gradient checkpointing")
+            some = "" if self.checkpointed_layers is None else f" (first {self.checkpointed_layers} layers)"
+            parts.append("gradient checkpointing" + some)
         if self.liger:
             parts.append("liger kernels")
         if self.compile:
             parts.append("torch.compile")
+        if not self.sdpa_cudnn and self.device.startswith("cuda"):
+            parts.append("no cuDNN attention")
         return ", ".join(parts)
 
 
@@ -260,4 +274,10 @@ def run_settings(plan, caps=None) -> RunSettings:
     # torch.compile: on CPU, compiling the training graph took longer than the benchmark's whole
     # epoch, so it is off; nothing here turns it on yet.
     s.compile = False
+    # cuDNN's SDPA builds an execution graph for every new shape, and length-grouped batches bring new
+    # ones nearly every step: in torch.profiler over the H100 benchmark's hafs row (2026-11-27) its
+    # forward and backward took 25% of the host's time (1.4 ms per call) in steps that kept the GPU
+    # 8% busy. Flash / memory-efficient attention instead is not measured end to end yet, so SDPA
+    # keeps its own choice until it is (bench_train.py --gpu --run-set sdpa_cudnn=false).
+    s.sdpa_cudnn = True
     return s

@@ -79,6 +79,8 @@ def run(plan: TrainingConfig, opts: RunOptions, log=print) -> Path:
         model, tokenizer = model_loading.load_model_and_tokenizer(plan, distributed.load_device(ctx),
                                                                  settings.precision, settings, log=log)
         prepared = tokenize.prepare_data(plan, tokenizer, log=log)
+        # Checkpointing was decided for rows of sequence_length; this data's may all be shorter.
+        estimate = memory_check.relax_for_data(plan, settings, prepared.train.stats.max, estimate, log=log, caps=caps)
         model = model_loading.apply_lora(model, plan, settings)
         model = distributed.shard_frozen_base(model, ctx)  # fsdp only: each worker keeps 1/world of the layers
     ctx.broadcast_params([p for p in model.parameters() if p.requires_grad])

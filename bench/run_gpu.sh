@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The GPU benchmark on a lent device machine (bench/README.md, "GPU"): the device image has torch but
+# not TRL, datasets or Liger, so their wheels travel in .whl/ (ignored by git). Writes the table to
+# $OUT/bench_gpu.txt and the log to $OUT/bench_log.txt; PROFILE=1 adds $OUT/profile_hafs.txt.
+#   BUDGET=440 ROWS=hafs,trl,hafs-fit bench/run_gpu.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export OUT=${OUT:-$PWD}
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 - <<'PY'
+import importlib
+for name in ("torch", "transformers", "peft", "accelerate", "trl", "datasets", "liger_kernel"):
+    try:
+        m = importlib.import_module(name)
+        print(name, getattr(m, "__version__", "?"), end="; ")
+    except Exception as exc:  # noqa: BLE001 - report and go on: the bench skips what is missing
+        print(name, "MISSING", type(exc).__name__, exc, end="; ")
+print()
+PY
+python3 bench/bench_train.py --gpu ${SHAPE:+--shape "$SHAPE"} --budget "${BUDGET:-440}" ${ROWS:+--rows "$ROWS"} --cache /tmp/benchcache 2>&1 \
+  | tee "$OUT/bench_log.txt"
+if [ -n "${PROFILE:-}" ]; then
+  mkdir -p /tmp/profile  # its own OUT: the short run would overwrite bench_gpu.txt
+  OUT=/tmp/profile timeout "${PROFILE_S:-120}" python3 bench/bench_train.py --gpu ${SHAPE:+--shape "$SHAPE"} --rows hafs --steps 30 --profile \
+    --cache /tmp/benchcache 2>&1 | tail -4
+  cp /tmp/profile/profile_hafs.txt "$OUT/" 2>/dev/null
+fi
