@@ -340,6 +340,7 @@ def train_hafs(plan, prepared, device, args):
 
     caps = hardware.detect()
     settings = run_settings(plan, caps)
+    engine.limit_primitive_cache(settings.onednn_cache_capacity)  # as recipe.run: before the first matmul (the probe)
     notes = []
     # As the trainer (recipe.run): the memory check decides checkpointing, for this data's longest rows.
     estimate = memory_check.check_plan(plan, settings, log=notes.append, caps=caps)
@@ -357,6 +358,9 @@ def train_hafs(plan, prepared, device, args):
     sched = engine.build_scheduler(opt, plan, total)
     if device == "cuda":
         torch.cuda.synchronize()
+    # The matmul probe again, in this process right before and after the timed epoch: on a machine whose
+    # speed drifts by 10% within minutes, the rate under the row's own conditions (see table()).
+    probes = [bf16_matmul_rate(device, torch.get_num_threads())]
     profiler = _profiler(device, args.profile)
     t0, c0 = time.perf_counter(), time.process_time()
     with profiler:
@@ -365,13 +369,15 @@ def train_hafs(plan, prepared, device, args):
         if device == "cuda":
             torch.cuda.synchronize()
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    probes.append(bf16_matmul_rate(device, torch.get_num_threads()))
     if args.profile:
         _write_profile(profiler, device, seconds, state.step)
     flops = useful_flops(model.get_base_model().config, prepared.train, plan)
     return adapter_state(model), seconds, {"steps": state.step, "settings": settings.describe(), "cpu_seconds": cpu,
                                            "notes": notes,
                                            "tokens_seen": state.tokens,
-                                           "flops": flops, "final_train_loss": state.last_loss()}
+                                           "flops": flops, "final_train_loss": state.last_loss(),
+                                           "matmul_probes": probes}
 
 
 def _profiler(device: str, on: bool):
@@ -394,7 +400,7 @@ def _write_profile(prof, device: str, seconds: float, steps: int) -> None:
     text = (f"{steps} steps in {seconds:.2f} s ({1e3 * seconds / max(steps, 1):.1f} ms/step); device busy "
             f"{busy / 1e6:.2f} s ({100 * busy / 1e6 / seconds:.0f}%); kernel launches {launches} "
             f"({launches / max(steps, 1):.0f}/step)\n\n"
-            + events.table(sort_by="self_cpu_time_total", row_limit=30) + "\n\n"
+            + events.table(sort_by="self_cpu_time_total", row_limit=70) + "\n\n"
             + events.table(sort_by=sort, row_limit=30))  # "self_cuda_time_total" is accepted by torch 2.4-2.13
     out = Path(os.environ.get("OUT") or ".")
     (out / "profile_hafs.txt").write_text(text)
@@ -631,7 +637,13 @@ def table(results: list[dict], spec: Spec, peak: float, device: str) -> str:
         h = ok["hafs"]
         achieved = h["flops"] * h["tokens_trained"] / h["dataset_tokens"] / h["seconds"]
         lines.append(f"hafs achieved {achieved / 1e9:,.0f} GFLOP/s = {100 * achieved / peak:.0f}% of the measured "
-                     f"bf16 matmul rate ({peak / 1e9:,.0f} GFLOP/s)")
+                     f"bf16 matmul rate ({peak / 1e9:,.0f} GFLOP/s, before the rows)")
+        around = h.get("matmul_probes") or []
+        if around:
+            mean = sum(around) / len(around)
+            lines.append(f"  = {100 * achieved / mean:.0f}% of the rate measured in the hafs row's process just before "
+                         f"and after its epoch ({' / '.join(f'{p / 1e9:,.0f}' for p in around)} GFLOP/s, mean "
+                         f"{mean / 1e9:,.0f})")
     first = next(iter(ok.values()), {})
     lengths = "/".join(str(x) for x in first.get("lengths", []))
     lines.append(f"dataset: {spec.train_rows} train rows, {first.get('dataset_tokens', 0):,} tokens, "
