@@ -14,8 +14,9 @@ import pytest
 from hafs.training.errors import HardwareError
 from hafs.training.hardware import Capabilities, CpuInfo, MpsInfo
 from hafs.training.loader import load_config
-from hafs.training.memory import GIB, ModelShape, estimate_memory, fit_suggestions
+from hafs.training.memory import GIB, ModelShape, estimate_memory
 from hafs.training.memory_check import check_memory, check_plan, estimate_for_plan
+from hafs.training.memory_fit import fit_suggestions
 from hafs.training.model_config import load_model_config
 from hafs.training.plan import resolve
 

@@ -198,16 +198,16 @@ def oom_suggestions(plan, estimate=None) -> list[str]:
 
 
 def _fit(plan, estimate) -> str:
-    """--set options that `memory.fit_suggestions` says fit 70% of what ran out, or ''."""
+    """--set options that `memory_fit.fit_suggestions` says fit 70% of what ran out, or ''."""
     if estimate is None or not getattr(estimate, "settings", None):
         return ""
     try:
-        from . import memory
+        from . import memory_fit
         from .model_config import load_model_config
 
         s = estimate.settings
         budget = 0.7 * min(plan.hardware.available_memory_gb, estimate.total_gb)
-        fit = memory.fit_suggestions(
+        fit = memory_fit.fit_suggestions(
             load_model_config(plan.expert.base_model), available_memory_gb=budget,
             sequence_length=plan.sequence_length, batch_size=plan.batch_size,
             gradient_checkpointing=bool(s.get("gradient_checkpointing")),

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 from .distributed import planned_world_size
 from .errors import HardwareError
-from .memory import ATTN_IMPLS, CPU_ALLOCATORS, FitSuggestions, MemoryEstimate, estimate_memory
+from .memory import ATTN_IMPLS, CPU_ALLOCATORS, MemoryEstimate, estimate_memory
+from .memory_fit import FitSuggestions, over_limit_problem, suggestions
 from .model_config import load_model_config
 
 
@@ -151,8 +152,8 @@ def check_memory(plan, model_config: dict, *, settings=None, caps=None, force: b
     layers = None if not gc or checked >= est.settings["layers"] else checked
     if est.total_gb <= budget:
         return MemoryVerdict(est, budget, True, gc, notes=notes, packed_weights=packed, checkpointed_layers=layers)
-    problem = est.over_limit_problem(plan, budget)
-    sugg = est.suggestions(budget)
+    problem = over_limit_problem(est, plan, budget)
+    sugg = suggestions(est, budget)
     if force:
         notes.append(problem.message + " (continuing: --force)")
         return MemoryVerdict(est, budget, False, gc, sugg, packed, notes=notes, checkpointed_layers=layers)
