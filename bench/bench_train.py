@@ -486,7 +486,7 @@ def train_trl(plan, spec, root, row, device):
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from hafs.training.data import fill_template
+    from hafs.training.templates import fill_template
 
     rows = [json.loads(line) for line in (root / "data" / "train.jsonl").read_text().splitlines()]
     data = Dataset.from_list([{"prompt": fill_template(TEMPLATE, r["instruction"], r["input"]),

@@ -13,7 +13,8 @@ import pytest
 from hafs.training import schema
 from hafs.training.errors import ConfigError
 from hafs.training.loader import key_lines, load_config, load_config_text
-from hafs.training.plan import TrainingConfig, apply_overrides, hardware_problems, parse_override, resolve
+from hafs.training.overrides import apply_overrides, parse_override
+from hafs.training.plan import TrainingConfig, hardware_problems, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "config" / "training.toml"

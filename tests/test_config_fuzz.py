@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 
 from hafs.training.errors import ConfigError, HafsError
 from hafs.training.loader import key_lines, load_config, load_config_text
-from hafs.training.plan import OVERRIDABLE, resolve
+from hafs.training.overrides import OVERRIDABLE
+from hafs.training.plan import resolve
 
 SHIPPED = Path(__file__).resolve().parents[1] / "config" / "training.toml"
 TEXT = SHIPPED.read_text()

@@ -11,10 +11,11 @@ import pytest
 
 from hafs.training import data as data_mod
 from hafs.training import tokenize as tok_mod
-from hafs.training.data import DEFAULT_PROMPT_TEMPLATE, Sample, fill_template, read_split, render
+from hafs.training.data import Sample, read_split, render
 from hafs.training.errors import DatasetError
 from hafs.training.loader import load_config_text
 from hafs.training.plan import resolve
+from hafs.training.templates import DEFAULT_PROMPT_TEMPLATE, fill_template
 from hafs.training.tokenize import prepare_data, special_prefix, tokenize_split
 
 CORPUS = [

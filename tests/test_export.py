@@ -16,15 +16,8 @@ from pathlib import Path
 import pytest
 
 from hafs.training.errors import ConfigError
-from hafs.training.export import (
-    export_model,
-    find_converter,
-    go_template,
-    instruction_header,
-    modelfile_text,
-    ollama_create,
-    ollama_name,
-)
+from hafs.training.export import export_model, find_converter
+from hafs.training.ollama import go_template, instruction_header, modelfile_text, ollama_create, ollama_name
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "config" / "training.toml"
@@ -48,11 +41,11 @@ def expert(tmp_path_factory):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hafs.training.data import fill_template, prompt_template
     from hafs.training.demo import build_tiny_model
     from hafs.training.loader import load_config
     from hafs.training.outputs import build_metadata
     from hafs.training.plan import resolve
+    from hafs.training.templates import fill_template, prompt_template
 
     root = tmp_path_factory.mktemp("export")
     base = build_tiny_model(root / "base")
@@ -101,7 +94,7 @@ def exported(expert):
 def _prompt_ids(expert) -> list[int]:
     from transformers import AutoTokenizer
 
-    from hafs.training.data import fill_template, prompt_template
+    from hafs.training.templates import fill_template, prompt_template
 
     tok = AutoTokenizer.from_pretrained(expert["dir"])
     return tok(fill_template(prompt_template(expert["plan"].expert), PROMPT), add_special_tokens=False)["input_ids"]
@@ -293,7 +286,7 @@ def test_a_merged_folder_exports_the_same_weights(expert, exported, tmp_path):
 
 
 def test_modelfile_reproduces_the_training_prompt(expert):
-    from hafs.training.data import fill_template, prompt_template
+    from hafs.training.templates import fill_template, prompt_template
 
     meta = json.loads((expert["dir"] / "metadata.json").read_text())
     text = modelfile_text("m-f16.gguf", meta, "<|endoftext|>")

@@ -13,16 +13,15 @@ The user's exporter writes `text` next to the structured fields; the structured 
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import math
 import re
-import string
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import DatasetError, Problem
+from .templates import fill_template, has_chat_template, prompt_template, system_prompt
 
 SPLITS = ("train", "val", "test")
 FORMATS = ("alpaca", "chat", "text")
@@ -31,12 +30,6 @@ MAX_LINE_BYTES = 8 << 20
 BAD_ROWS_SHOWN = 5
 """Bad rows listed by location in an error; the rest are counted."""
 
-DEFAULT_PROMPT_TEMPLATE = (
-    "Below is an instruction that describes a task{context}. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n{input_section}\n### Response:\n{output}"
-)
-INPUT_CONTEXT = ", paired with an input that provides further context"
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 _FORBIDDEN_CHARS = re.compile("[\x00\ud800-\udfff]")  # NUL, and lone surrogates the tokenizer cannot encode
 
@@ -350,51 +343,6 @@ def _empty_problem(stats: SplitStats, plan, domains_seen: dict[str, int]) -> Pro
 
 
 # ----------------------------------------------------------------------------- rendering
-
-@functools.lru_cache(maxsize=32)
-def _compiled(template: str) -> tuple[tuple[str, str | None, str, str | None], ...]:
-    """(literal, field, format_spec, conversion) pieces of `template` up to `{output}`."""
-    pieces = []
-    for literal, name, spec, conversion in string.Formatter().parse(template):
-        if name == "output":
-            pieces.append((literal, None, "", None))
-            return tuple(pieces)
-        pieces.append((literal, name, spec or "", conversion))
-    raise ValueError("prompt template has no {output} placeholder")
-
-
-def fill_template(template: str, instruction: str, input_text: str = "") -> str:
-    """The prompt: `template` filled up to (not including) `{output}`."""
-    has_input = bool(input_text.strip())
-    values = {
-        "instruction": instruction,
-        "context": INPUT_CONTEXT if has_input else "",
-        "input_section": f"\n### Input:\n{input_text}\n" if has_input else "",
-    }
-    out = []
-    for literal, name, spec, conversion in _compiled(template):
-        out.append(literal)
-        if name is not None:
-            value = values[name]
-            if conversion:
-                value = {"r": repr, "a": ascii, "s": str}[conversion](value)
-            out.append(format(value, spec))
-    return "".join(out)
-
-
-def prompt_template(expert) -> str:
-    """The expert's template, or the built-in Alpaca default."""
-    return expert.prompt_template or DEFAULT_PROMPT_TEMPLATE
-
-
-def system_prompt(expert) -> str:
-    """System prompt injected into chat rows that have none (chat templates only)."""
-    return expert.system_prompt or expert.specialization
-
-
-def has_chat_template(tokenizer) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None)) if tokenizer is not None else False
-
 
 def render(sample: Sample, expert, tokenizer=None) -> tuple[str, str]:
     """(prompt, response) text; the loss is computed on the response (plus EOS) only.

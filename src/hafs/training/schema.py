@@ -8,10 +8,10 @@ so the loader can report every problem at once with its full key path.
 
 from __future__ import annotations
 
-import string
 from dataclasses import dataclass, field
 
 from .keypaths import nearest_line, split_dotted
+from .templates import TEMPLATE_FIELDS, template_problems
 
 DEVICES = ("cpu", "cuda", "mps", "auto")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
@@ -22,7 +22,6 @@ LONG_SAMPLE_POLICIES = ("truncate", "drop")
 BAD_ROW_POLICIES = ("error", "skip")
 REPORT_BACKENDS = ("tensorboard", "wandb", "mlflow")
 DISTRIBUTED = ("ddp", "fsdp")
-TEMPLATE_FIELDS = ("context", "instruction", "input_section", "output")
 NAME_FIELDS = ("name", "role", "base_short", "date", "expert", "preset")
 
 Checks = list[tuple[str, str]]
@@ -46,44 +45,6 @@ def _one_of(obj, name: str, allowed) -> Checks:
 
     return [(name, f"unknown value '{value}'{did_you_mean(value, allowed)}; "
                    f"choose one of: {', '.join(allowed)}")]
-
-
-def template_placeholders(template: str) -> list[str]:
-    """Names of the `{placeholders}` in a format string; raises ValueError on a malformed one."""
-    return [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
-
-
-def template_problems(key: str, template: str, allowed, *, output_last: bool = False) -> Checks:
-    """Problems of a str.format template: malformed braces, unknown placeholders, format specs.
-
-    With `output_last`, `{output}` must appear exactly once and end the template: everything after
-    it would be trained as part of the response.
-    """
-    try:
-        parts = list(string.Formatter().parse(template))
-    except ValueError as exc:
-        return [(key, f"is not a valid template: {exc} (write a literal brace as '{{{{' or '}}}}')")]
-    from .errors import did_you_mean
-
-    out: Checks = []
-    shown = ", ".join("{" + f + "}" for f in allowed)
-    names = [(name, spec, conv) for _, name, spec, conv in parts if name is not None]
-    for name, spec, conv in names:
-        if name not in allowed:
-            out.append((key, f"unknown placeholder '{{{name}}}'{did_you_mean(name, allowed)}; allowed: {shown}"))
-        elif spec or conv:
-            out.append((key, f"placeholder '{{{name}}}' takes no format spec or conversion"))
-    if output_last:
-        count = sum(1 for name, _, _ in names if name == "output")
-        if count != 1:
-            out.append((key, "must contain {output} exactly once (where the response goes)"
-                        if count == 0 else f"{{output}} appears {count} times; it must appear once"))
-        else:
-            last = max(i for i, part in enumerate(parts) if part[1] is not None)
-            trailing = "".join(part[0] for part in parts[last + 1:])
-            if parts[last][1] != "output" or trailing.strip():
-                out.append((key, "{output} must come last: everything after it would be learned as response"))
-    return out
 
 
 @dataclass

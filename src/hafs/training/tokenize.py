@@ -33,14 +33,12 @@ from .data import (
     RawSplit,
     SplitStats,
     file_sha256,
-    has_chat_template,
-    prompt_template,
     read_split,
     render,
     split_path,
-    system_prompt,
 )
 from .errors import ConfigError, DatasetError, Problem
+from .templates import has_chat_template, prompt_template, system_prompt
 
 MIN_RESPONSE_TOKENS = 16
 """Truncation keeps at least this many response tokens (capped at half of sequence_length), else drops."""

@@ -160,7 +160,7 @@ def _parse(key: str, spec, report) -> Param | None:
 
 def _check_against_plan(param: Param, plan) -> tuple[str, str] | None:
     """(message, hint) when the key cannot be tuned or a value of its range does not fit the plan."""
-    from .plan import NESTED_OVERRIDABLE, OVERRIDABLE, apply_overrides
+    from .overrides import NESTED_OVERRIDABLE, OVERRIDABLE, apply_overrides
 
     head = param.key.split(".")[0]
     if "." in param.key and head != "lora":
@@ -196,7 +196,8 @@ def tune(cfg, preset: str, *, trials: int, space: str | None = None, keep_models
          overrides: list[str] | None = None, log=print, quiet_trials: bool = True):
     """Run trials until the study has `trials` finished ones; returns the optuna Study."""
     optuna = _optuna()
-    from .plan import parse_override, resolve
+    from .overrides import parse_override
+    from .plan import resolve
     from .recipe import RunOptions, run
 
     base = dict(parse_override(o) for o in (overrides or []))
@@ -376,7 +377,9 @@ def _toml(value) -> str:
 def cmd_tune(args) -> int:
     """`hafs tune PRESET --trials N [--space NAME] [--keep-models] [--set K=V]`."""
     from .loader import load_config
-    from .plan import parse_override
+    from .outputs import atomic_write_bytes
+    from .overrides import parse_override
+    from .plan import resolve
 
     cfg = load_config(args.config)
     if args.trials < 1:
@@ -388,14 +391,10 @@ def cmd_tune(args) -> int:
     if best is None:
         print("No trial completed: no best preset to write.")
         return 1
-    from .plan import resolve
-
     base = dict(parse_override(o) for o in args.overrides)
     block = best_preset_block(cfg, args.preset, best.params, base)
     plan = resolve(cfg, args.preset, base)
     out = study_path(plan, space_name(cfg, args.preset, args.space)).with_suffix(".best.toml")
-    from .outputs import atomic_write_bytes
-
     atomic_write_bytes(out, block.encode())
     print(f"\nBest trial {best.number}: val loss {best.value:.4f}. Preset block (also in {out}):\n\n{block}")
     return 0
