@@ -17,6 +17,10 @@ Levers (kernels.py), each switched on its own with the others on:
   rms_norm  RMSNorm without fp32 copies (off: transformers' module)
   swiglu    SwiGLU keeping gate and up only (off: transformers' MLP forward)
   packed    frozen weights pre-packed for oneDNN (packed_linear; off: plain F.linear, repacked per call)
+  no_cudnn  (CUDA) SDPA without cuDNN's attention (RunSettings.sdpa_cudnn = False; off: SDPA's own choice)
+
+On a GPU (`--spec gpu`, Qwen2.5-Coder-1.5B's shape; `--spec gpu-small` for a toy run of the same code):
+    python bench/bench_levers.py --spec gpu --levers no_cudnn,lora --rounds 6
 Batching levers (padding-free rows, attention groups) change the batches themselves and are measured
 by bench_train.py.
 """
@@ -33,6 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_train  # noqa: E402  (the fixture and its config)
 
 LEVERS = ("lora", "rotary", "rms_norm", "swiglu", "packed")
+CPU_ONLY = ("rotary", "rms_norm", "swiglu", "packed")  # CUDA runs Liger's kernels, and nothing is packed there
+CUDA_LEVERS = ("no_cudnn", "lora")
 _packed: dict = {}  # model id -> the open packed_weights context while the "packed" lever is on
 
 
@@ -56,10 +62,13 @@ def load(spec, cache: Path):
     return model, settings, engine.BatchSource(prepared.train, plan, tok, settings)(0)
 
 
-def switch(model, lever: str, on: bool) -> None:
+def switch(model, lever: str, on: bool, settings=None) -> None:
     """Install (on, with kernels' own patch functions) or remove (off) one lever."""
     from hafs.training import kernels, packed_linear
 
+    if lever == "no_cudnn":
+        settings.sdpa_cudnn = not on  # read by settings.autocast() around each forward
+        return
     if lever == "packed":
         if on and id(model) not in _packed:
             _packed[id(model)] = context = packed_linear.packed_weights(model)
@@ -92,6 +101,8 @@ def run(model, settings, batches) -> float:
     from hafs.training.loss import causal_lm_loss
 
     torch.manual_seed(0)
+    if settings.device.startswith("cuda"):
+        torch.cuda.synchronize()
     dtype = settings.torch_dtype(settings.autocast_dtype) if settings.autocast_dtype else None
     plain = plain_head(model)
     start = time.perf_counter()
@@ -100,6 +111,8 @@ def run(model, settings, batches) -> float:
             part, _ = causal_lm_loss(model, b, chunk_size=settings.loss_chunk_size, compute_dtype=dtype, plain=plain,
                                      bf16_softmax=settings.bf16_loss_softmax)
         (part / 1000).backward()
+    if settings.device.startswith("cuda"):
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     model.zero_grad(set_to_none=True)
     return seconds
@@ -107,27 +120,34 @@ def run(model, settings, batches) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tiny", action="store_true", help="the toy fixture")
-    ap.add_argument("--levers", default=",".join(LEVERS), help=f"comma-separated, from {', '.join(LEVERS)}")
+    ap.add_argument("--tiny", action="store_true", help="the toy fixture (= --spec tiny)")
+    ap.add_argument("--spec", choices=sorted(bench_train.SPECS), default="", help="fixture (default: cpu)")
+    ap.add_argument("--levers", default="", help=f"comma-separated, from {', '.join(LEVERS + CUDA_LEVERS[:1])} "
+                                                 f"(default: the device's: {', '.join(LEVERS)} on a CPU, "
+                                                 f"{', '.join(CUDA_LEVERS)} on CUDA)")
     ap.add_argument("--rounds", type=int, default=8, help="on/off pairs per lever")
     ap.add_argument("--batches", type=int, default=12, help="micro-batches per timing, spread over the epoch")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     ap.add_argument("--cache", type=Path, default=bench_train.ROOT / ".cache" / "bench")
     args = ap.parse_args()
-    levers = [x for x in args.levers.split(",") if x]
-    unknown = sorted(set(levers) - set(LEVERS))
-    if unknown:
-        ap.error(f"unknown lever(s) {', '.join(unknown)}; choose from {', '.join(LEVERS)}")
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    spec = bench_train.SPECS["tiny" if args.tiny else "cpu"]
+    spec = bench_train.SPECS[args.spec or ("tiny" if args.tiny else "cpu")]
     model, settings, epoch = load(spec, args.cache.resolve())
-    if settings.device != "cpu":
-        sys.exit("bench_levers.py measures the CPU levers; this run resolved to " + settings.device)
+    cuda = settings.device.startswith("cuda")
+    levers = [x for x in args.levers.split(",") if x] or list(CUDA_LEVERS if cuda else LEVERS)
+    wrong = sorted(set(levers) - set(LEVERS + CUDA_LEVERS) | (set(levers) & set(CPU_ONLY if cuda else ("no_cudnn",))))
+    if wrong:
+        sys.exit(f"lever(s) {', '.join(wrong)} not measurable on {settings.device}; "
+                 f"choose from {', '.join(CUDA_LEVERS if cuda else LEVERS)}")
     model.train()
-    switch(model, "packed", True)  # as engine.train has it: the other levers are measured with it on
+    if not cuda:
+        from hafs.training import packed_linear
+
+        packed_linear.limit_primitive_cache(settings.onednn_cache_capacity)  # as engine.train, before any matmul
+        switch(model, "packed", True)  # as engine.train has it: the other levers are measured with it on
     step = max(1, len(epoch) // args.batches)
     batches = [epoch[i] for i in range(0, len(epoch), step)][:args.batches]
     tokens = sum(int(b["input_ids"].numel()) for b in batches)
@@ -140,15 +160,16 @@ def main() -> None:
         times = {True: [], False: []}
         for _ in range(args.rounds):
             for on in (True, False):
-                switch(model, lever, on)
+                switch(model, lever, on, settings)
                 times[on].append(run(model, settings, batches))
-        switch(model, lever, True)
+        switch(model, lever, lever != "no_cudnn", settings)  # back to the engine's own choice
         on, off = times[True], times[False]
         mid_on, mid_off = statistics.median(on), statistics.median(off)
         # Each round's on/off pair ran back to back: the median of their ratios is the least drift-prone.
         paired = statistics.median(a / b for a, b in zip(on, off))
         print(f"{lever:10s} {min(on):10.3f} / {mid_on:7.3f}   {min(off):10.3f} / {mid_off:7.3f}   "
               f"{min(on) / min(off):9.3f}  {mid_on / mid_off:12.3f}  {paired:13.3f}", flush=True)
+    switch(model, "packed", False)  # close the packs now, not in the interpreter's teardown
 
 
 if __name__ == "__main__":

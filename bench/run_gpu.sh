@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU benchmark on a lent device machine (bench/README.md, "GPU"): the device image has torch but
 # not TRL, datasets or Liger, so their wheels travel in .whl/ (ignored by git). Writes the table to
-# $OUT/bench_gpu.txt and the log to $OUT/bench_log.txt; PROFILE=1 adds $OUT/profile_hafs.txt.
+# $OUT/bench_gpu.txt and the log to $OUT/bench_log.txt; PROFILE=1 adds $OUT/profile_hafs.txt;
+# LEVERS=a,b first times those levers in one process (bench_levers.py; ROWS=none: only that).
 #   BUDGET=440 ROWS=hafs,trl,hafs-fit bench/run_gpu.sh
+#   LEVERS=no_cudnn,lora ROWS=none bench/run_gpu.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export OUT=${OUT:-$PWD}
@@ -23,6 +25,11 @@ for name in ("torch", "transformers", "peft", "accelerate", "trl", "datasets", "
         print(name, "MISSING", type(exc).__name__, exc, end="; ")
 print()
 PY
+if [ -n "${LEVERS:-}" ]; then  # paired on/off timings in one process, e.g. LEVERS=no_cudnn,lora
+  python3 bench/bench_levers.py --spec "gpu${SHAPE:+-$SHAPE}" --levers "$LEVERS" --rounds "${ROUNDS:-6}" \
+    --cache /tmp/benchcache 2>&1 | tee "$OUT/levers_log.txt"
+fi
+[ "${ROWS:-}" = none ] && exit 0
 python3 bench/bench_train.py --gpu ${SHAPE:+--shape "$SHAPE"} --budget "${BUDGET:-440}" ${ROWS:+--rows "$ROWS"} --cache /tmp/benchcache 2>&1 \
   | tee "$OUT/bench_log.txt"
 if [ -n "${PROFILE:-}" ]; then

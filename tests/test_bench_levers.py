@@ -70,3 +70,14 @@ def test_switch_installs_and_removes_each_lever(levers):
         assert not hasattr(modeling_qwen2.apply_rotary_pos_emb, "func")
     finally:
         modeling_qwen2.apply_rotary_pos_emb = original_rotary
+
+
+def test_no_cudnn_lever_reaches_the_sdpa_flags_through_the_run_settings(levers):
+    from hafs.training.precision import RunSettings
+
+    settings = RunSettings(device="cuda")
+    levers.switch(None, "no_cudnn", True, settings)
+    with settings.autocast():
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    levers.switch(None, "no_cudnn", False, settings)
+    assert settings.sdpa_cudnn
