@@ -206,6 +206,50 @@ def test_mlflow_local_store_read_back_through_its_client(tmp_path, secret_env, m
     assert (tmp_path / "all" / "mlartifacts").is_dir() and not (tmp_path / "run-1").exists()
 
 
+def test_mlflow_keeps_each_trained_model_as_a_registered_version(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    pytest.importorskip("sqlalchemy")
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    model = tmp_path / "models" / "demo-asm-20260101"
+    model.mkdir(parents=True)
+    (model / "adapter_config.json").write_text('{"r": 8}')
+    (model / "adapter_model.safetensors").write_bytes(b"weights")
+    store, lines, runs = tmp_path / "logs" / "mlflow.db", [], []
+    for name in ("run-1", "run-2"):
+        t = open_trackers(["mlflow"], run_name=name, log_dir=tmp_path / "logs", config={"a": 1},
+                          mlflow_uri=f"sqlite:///{store}", log=lines.append)
+        runs.append(t.backends[0].run_id)
+        t.model(model, "demo-asm", {"preset": "demo", "eval_loss": 6.34, "missing": None})
+        t.close()
+    assert any("registered model 'demo-asm' version 2 (models:/demo-asm/2)" in line for line in lines)
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}")
+    versions = [client.get_model_version("demo-asm", str(n)) for n in (1, 2)]
+    assert [(int(v.version), v.run_id) for v in versions] == [(1, runs[0]), (2, runs[1])]
+    assert versions[0].tags == {"preset": "demo", "eval_loss": "6.34"}
+    files = {a.path for a in client.list_artifacts(runs[1], "model")}
+    assert files == {"model/adapter_config.json", "model/adapter_model.safetensors"}
+    assert versions[1].source.endswith("/model") and runs[1] in versions[1].source
+
+
+def test_a_failing_model_store_is_a_warning_not_a_failed_run():
+    class Broken(_Backend):
+        name = "broken"
+
+        def model(self, path, name, tags):
+            raise RuntimeError("registry down")
+
+        def close(self, failed=False):
+            pass
+
+    lines = []
+    tracker = Tracker([Broken()], log=lines.append)
+    tracker.model("/nowhere", "x")
+    assert tracker.names == [] and "broken tracker failed (RuntimeError: registry down)" in lines[0]
+
+
 def test_loss_curve_png(tmp_path):
     pytest.importorskip("matplotlib")
     out = plot_losses([(1, 3.0), (2, 2.5), (3, float("nan")), (4, 2.0)], [(2, 2.7), (4, 2.2)],

@@ -76,6 +76,10 @@ class _Backend:
     def close(self, failed: bool = False) -> None:
         raise NotImplementedError
 
+    def model(self, path: Path, name: str, tags: dict) -> str | None:
+        """Keep the finished model folder with the run, where the backend has a model store; where it went."""
+        return None
+
 
 class _TensorBoard(_Backend):
     name = "tensorboard"
@@ -176,6 +180,22 @@ class _MLflow(_Backend):
     def close(self, failed=False):
         self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
 
+    def model(self, path, name, tags):
+        """The model folder as the run's `model` artifacts, and a new version of the registered model `name`
+        (the expert): MLflow's Model Registry then lists every trained adapter of an expert with its run."""
+        from mlflow.exceptions import MlflowException
+
+        self.client.log_artifacts(self.run_id, str(path), "model")
+        try:
+            self.client.create_registered_model(name, description="LoRA adapters trained by hafs")
+        except MlflowException as exc:
+            if getattr(exc, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
+                raise
+        source = f"{self.client.get_run(self.run_id).info.artifact_uri}/model"
+        version = self.client.create_model_version(name, source, run_id=self.run_id,
+                                                   tags={k: str(v) for k, v in tags.items() if v is not None})
+        return f"registered model '{name}' version {version.version} (models:/{name}/{version.version})"
+
 
 def _markdown_json(data) -> str:
     # TensorBoard renders text as markdown: indent 4 spaces so the JSON shows as a code block.
@@ -207,6 +227,13 @@ class Tracker:
 
         self._each("summary", scrub(data))
 
+    def model(self, path, name: str, tags: dict | None = None) -> None:
+        """Hand the finished model folder to the backends that keep models (MLflow's Model Registry)."""
+        for backend in list(self.backends):
+            where = self._call(backend, "model", Path(path), name, dict(tags or {}))
+            if where:
+                self._log(f"tracking: {backend.name} → {where}")
+
     def close(self, failed: bool = False) -> None:
         """Finish every backend's run (marked failed when `failed`); safe to call twice."""
         if self._closed:
@@ -216,12 +243,16 @@ class Tracker:
 
     def _each(self, method: str, *args) -> None:
         for backend in list(self.backends):
-            try:
-                getattr(backend, method)(*args)
-            except Exception as exc:  # a tracker must never stop training
-                self._log(f"warning: {backend.name} tracker failed ({type(exc).__name__}: {exc}); "
-                          f"it is disabled for the rest of this run")
-                self.backends.remove(backend)
+            self._call(backend, method, *args)
+
+    def _call(self, backend: _Backend, method: str, *args):
+        try:
+            return getattr(backend, method)(*args)
+        except Exception as exc:  # a tracker must never stop training
+            self._log(f"warning: {backend.name} tracker failed ({type(exc).__name__}: {exc}); "
+                      f"it is disabled for the rest of this run")
+            self.backends.remove(backend)
+            return None
 
     def __enter__(self) -> Tracker:
         return self
