@@ -67,7 +67,7 @@ def switch(model, lever: str, on: bool, settings=None) -> None:
     from hafs.training import kernels, packed_linear
 
     if lever == "no_cudnn":
-        settings.sdpa_cudnn = not on  # read by settings.autocast() around each forward
+        settings.sdpa_cudnn = not on  # read by settings.attention_kernels() around forward and backward
         return
     if lever == "packed":
         if on and id(model) not in _packed:
@@ -106,11 +106,12 @@ def run(model, settings, batches) -> float:
     dtype = settings.torch_dtype(settings.autocast_dtype) if settings.autocast_dtype else None
     plain = plain_head(model)
     start = time.perf_counter()
-    for b in batches:
-        with settings.autocast():
-            part, _ = causal_lm_loss(model, b, chunk_size=settings.loss_chunk_size, compute_dtype=dtype, plain=plain,
-                                     bf16_softmax=settings.bf16_loss_softmax)
-        (part / 1000).backward()
+    with settings.attention_kernels():  # as engine.train: around forward and backward (and any recompute)
+        for b in batches:
+            with settings.autocast():
+                part, _ = causal_lm_loss(model, b, chunk_size=settings.loss_chunk_size, compute_dtype=dtype,
+                                         plain=plain, bf16_softmax=settings.bf16_loss_softmax)
+            (part / 1000).backward()
     if settings.device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start

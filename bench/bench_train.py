@@ -347,8 +347,13 @@ def train_hafs(plan, prepared, device, args):
     memory_check.relax_for_data(plan, settings, prepared.train.stats.max, estimate, log=notes.append, caps=caps)
     for option in args.run_set:  # levers measured before they become run_settings' choice
         key, value = option.split("=", 1)
-        kind = type(getattr(settings, key))
-        setattr(settings, key, value.lower() in ("1", "true", "yes") if kind is bool else kind(value))
+        current = getattr(settings, key)
+        if isinstance(current, bool):
+            setattr(settings, key, value.lower() in ("1", "true", "yes"))
+        else:
+            setattr(settings, key, None if value.lower() == "none" else
+                    int(value) if current is None and value.isdigit() else type(current)(value)
+                    if current is not None else value)
     model, tok = model_loading.load_model_and_tokenizer(plan, settings.device, settings.precision, settings,
                                                         log=lambda *a: None)
     model = model_loading.apply_lora(model, plan, settings)

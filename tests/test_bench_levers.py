@@ -77,7 +77,7 @@ def test_no_cudnn_lever_reaches_the_sdpa_flags_through_the_run_settings(levers):
 
     settings = RunSettings(device="cuda")
     levers.switch(None, "no_cudnn", True, settings)
-    with settings.autocast():
+    with settings.attention_kernels():
         assert not torch.backends.cuda.cudnn_sdp_enabled()
     levers.switch(None, "no_cudnn", False, settings)
     assert settings.sdpa_cudnn

@@ -306,17 +306,18 @@ def test_cpu_only_kernel_choices_are_settled_in_run_settings():
     assert gpu.fused_optimizer
 
 
-def test_forward_context_keeps_cudnn_attention_out_only_when_asked():
+def test_attention_kernels_keep_cudnn_out_only_when_asked():
     torch = pytest.importorskip("torch")
     from hafs.training.precision import RunSettings
 
     flags = (torch.backends.cuda.cudnn_sdp_enabled, torch.backends.cuda.flash_sdp_enabled,
              torch.backends.cuda.mem_efficient_sdp_enabled)
     before = [f() for f in flags]
-    with RunSettings(device="cuda", sdpa_cudnn=False).autocast():
+    with RunSettings(device="cuda", sdpa_cudnn=False).attention_kernels():
         assert [f() for f in flags] == [False, True, True]
     assert [f() for f in flags] == before
-    with RunSettings(device="cuda").autocast(), RunSettings(device="cpu", sdpa_cudnn=False).autocast():
+    cpu = RunSettings(device="cpu", sdpa_cudnn=False)
+    with RunSettings(device="cuda").attention_kernels(), cpu.attention_kernels():
         assert [f() for f in flags] == before  # the default, and CPU runs, leave SDPA's choice alone
     with RunSettings(device="cpu", precision="bf16", autocast_dtype="bfloat16").autocast():
         assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16

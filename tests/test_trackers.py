@@ -234,20 +234,23 @@ def test_mlflow_keeps_each_trained_model_as_a_registered_version(tmp_path, monke
     assert versions[1].source.endswith("/model") and runs[1] in versions[1].source
 
 
-def test_a_failing_model_store_is_a_warning_not_a_failed_run():
+def test_a_failing_model_store_is_a_warning_and_the_run_still_closes():
     class Broken(_Backend):
         name = "broken"
+        closed = None
 
         def model(self, path, name, tags):
             raise RuntimeError("registry down")
 
         def close(self, failed=False):
-            pass
+            self.closed = "failed" if failed else "finished"
 
-    lines = []
-    tracker = Tracker([Broken()], log=lines.append)
+    lines, broken = [], Broken()
+    tracker = Tracker([broken], log=lines.append)
     tracker.model("/nowhere", "x")
-    assert tracker.names == [] and "broken tracker failed (RuntimeError: registry down)" in lines[0]
+    assert "broken could not keep the model (RuntimeError: registry down); it is in /nowhere" in lines[0]
+    tracker.close()
+    assert broken.closed == "finished"  # not left running in the tracker's UI
 
 
 def test_loss_curve_png(tmp_path):

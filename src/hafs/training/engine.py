@@ -238,7 +238,7 @@ def train(model, optimizer, scheduler, batches, plan, state: TrainState | None =
     epoch_batches = batches(state.epoch)
     # Frozen weights packed for oneDNN for the loop only (packed_linear): freed before anything after
     # training (merge, export) could change the weights under them.
-    with packed_weights(model, settings.packed_weights):
+    with packed_weights(model, settings.packed_weights), settings.attention_kernels():
         while state.step < state.total_steps:
             if state.micro_batch >= len(epoch_batches):
                 state.epoch, state.micro_batch = state.epoch + 1, 0

@@ -217,19 +217,21 @@ def relax_for_data(plan, settings, longest: int, estimate=None, *, log=print, ca
     longest is 1,452 of 2,048 tokens): checkpointing chosen for the limit would recompute layers that
     fit. Only 'auto' checkpointing is relaxed, never an explicit choice, and never turned up.
     """
+    # Padded rows are as wide as the longest rounded up to a multiple of 8 (batching.collate).
+    width = min(-(-int(longest) // 8) * 8, plan.sequence_length)
     if (settings is None or plan.gradient_checkpointing is not None or plan.packing
-            or not settings.gradient_checkpointing or not 0 < longest < plan.sequence_length):
+            or not getattr(settings, "gradient_checkpointing", False) or not 0 < width < plan.sequence_length):
         return estimate
     try:
         config = model_config if model_config is not None else load_model_config(
             plan.expert.base_model, plan.expert.trust_remote_code)
         probe = copy.copy(settings)
         probe.gradient_checkpointing, probe.checkpointed_layers = False, None
-        verdict = check_memory(plan, config, settings=probe, caps=caps, sequence_length=longest)
+        verdict = check_memory(plan, config, settings=probe, caps=caps, sequence_length=width)
     except HardwareError:
         return estimate
     layers = verdict.estimate.settings["layers"]
-    before = layers if settings.checkpointed_layers is None else settings.checkpointed_layers
+    before = getattr(settings, "checkpointed_layers", None) or layers
     after = 0 if not verdict.gradient_checkpointing else verdict.checkpointed_layers or layers
     if not verdict.fits or after >= before:
         return estimate

@@ -164,7 +164,8 @@ def prepare_for_training(model, settings: RunSettings) -> None:
 
 def enable_checkpointing(model, layers: int | None = None) -> int | None:
     """Non-reentrant activation checkpointing of the first `layers` decoder layers (None: all); returns how
-    many are checkpointed (None: all, by a transformers without per-layer flags).
+    many are checkpointed (None: all, by a transformers without per-layer flags). Decoder-only models:
+    their GradientCheckpointingLayers, in module order, are the decoder layers.
 
     Non-reentrant: works with frozen embeddings (no enable_input_require_grads hack) and with keyword
     arguments; reentrant checkpointing is deprecated in torch. transformers v5 names it

@@ -80,21 +80,25 @@ class RunSettings:
         return getattr(torch, name or self.weight_dtype)
 
     def autocast(self):
-        """Context manager for forward passes: autocast to the compute dtype (or nothing), and the SDPA
-        kernels the run allows."""
+        """Context manager for forward passes: autocast to the compute dtype, or nothing."""
         import contextlib
 
         import torch
 
-        stack = contextlib.ExitStack()
-        if self.autocast_dtype:
-            stack.enter_context(torch.autocast(self.device.split(":")[0], dtype=getattr(torch, self.autocast_dtype)))
-        if not self.sdpa_cudnn and self.device.startswith("cuda"):
-            from torch.nn.attention import SDPBackend, sdpa_kernel
+        if not self.autocast_dtype:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.split(":")[0], dtype=getattr(torch, self.autocast_dtype))
 
-            backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-            stack.enter_context(sdpa_kernel(backends))
-        return stack
+    def attention_kernels(self):
+        """Context manager around a whole training loop, backward included: checkpointing recomputes a
+        layer's forward inside backward, and must pick the same SDPA kernel as the forward did."""
+        import contextlib
+
+        if self.sdpa_cudnn or not self.device.startswith("cuda"):
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
     def describe(self) -> str:
         """One line for the run header."""
@@ -278,6 +282,7 @@ def run_settings(plan, caps=None) -> RunSettings:
     # ones nearly every step: in torch.profiler over the H100 benchmark's hafs row (2026-11-27) its
     # forward and backward took 25% of the host's time (1.4 ms per call) in steps that kept the GPU
     # 8% busy. Flash / memory-efficient attention instead is not measured end to end yet, so SDPA
-    # keeps its own choice until it is (bench_train.py --gpu --run-set sdpa_cudnn=false).
+    # keeps its own choice until it is (bench_levers.py --spec gpu --levers no_cudnn).
+    # engine.train holds the choice around the whole loop (attention_kernels), backward included.
     s.sdpa_cudnn = True
     return s

@@ -169,9 +169,10 @@ def run(plan: TrainingConfig, opts: RunOptions, log=print) -> Path:
         trackers.close(failed=True)  # the run shows as failed in W&B / MLflow, not as still running
         raise
     trackers.summary(meta)
-    evaluated = ((evaluation or {}).get("after") or {}).get("val") or {}
-    trackers.model(final, plan.expert_name, {"preset": plan.preset, "base_model": plan.expert.base_model,
-                                             "model_dir": str(final), "eval_loss": evaluated.get("loss")})
+    if opts.register is not False:  # --no-register (and hafs tune's throwaway trials): no registry at all
+        evaluated = ((evaluation or {}).get("after") or {}).get("val") or {}
+        trackers.model(final, plan.expert_name, {"preset": plan.preset, "base_model": plan.expert.base_model,
+                                                 "model_dir": str(final), "eval_loss": evaluated.get("loss")})
     trackers.close()
 
     # 7. Tell the user's registry, when asked.

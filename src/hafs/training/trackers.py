@@ -230,7 +230,12 @@ class Tracker:
     def model(self, path, name: str, tags: dict | None = None) -> None:
         """Hand the finished model folder to the backends that keep models (MLflow's Model Registry)."""
         for backend in list(self.backends):
-            where = self._call(backend, "model", Path(path), name, dict(tags or {}))
+            try:
+                where = backend.model(Path(path), name, dict(tags or {}))
+            except Exception as exc:  # the model folder is written already; the backend still closes its run
+                self._log(f"warning: {backend.name} could not keep the model ({type(exc).__name__}: {exc}); "
+                          f"it is in {path}")
+                continue
             if where:
                 self._log(f"tracking: {backend.name} → {where}")
 
@@ -243,16 +248,12 @@ class Tracker:
 
     def _each(self, method: str, *args) -> None:
         for backend in list(self.backends):
-            self._call(backend, method, *args)
-
-    def _call(self, backend: _Backend, method: str, *args):
-        try:
-            return getattr(backend, method)(*args)
-        except Exception as exc:  # a tracker must never stop training
-            self._log(f"warning: {backend.name} tracker failed ({type(exc).__name__}: {exc}); "
-                      f"it is disabled for the rest of this run")
-            self.backends.remove(backend)
-            return None
+            try:
+                getattr(backend, method)(*args)
+            except Exception as exc:  # a tracker must never stop training
+                self._log(f"warning: {backend.name} tracker failed ({type(exc).__name__}: {exc}); "
+                          f"it is disabled for the rest of this run")
+                self.backends.remove(backend)
 
     def __enter__(self) -> Tracker:
         return self
