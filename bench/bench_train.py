@@ -345,15 +345,11 @@ def train_hafs(plan, prepared, device, args):
     # As the trainer (recipe.run): the memory check decides checkpointing, for this data's longest rows.
     estimate = memory_check.check_plan(plan, settings, log=notes.append, caps=caps)
     memory_check.relax_for_data(plan, settings, prepared.train.stats.max, estimate, log=notes.append, caps=caps)
-    for option in args.run_set:  # levers measured before they become run_settings' choice
-        key, value = option.split("=", 1)
-        current = getattr(settings, key)
-        if isinstance(current, bool):
-            setattr(settings, key, value.lower() in ("1", "true", "yes"))
-        else:
-            setattr(settings, key, None if value.lower() == "none" else
-                    int(value) if current is None and value.isdigit() else type(current)(value)
-                    if current is not None else value)
+    from hafs.training.overrides import parse_override
+
+    for option in args.run_set:  # levers measured before they become run_settings' choice (TOML values)
+        key, value = parse_override(option)
+        setattr(settings, key, None if value in ("none", "None") else value)
     model, tok = model_loading.load_model_and_tokenizer(plan, settings.device, settings.precision, settings,
                                                         log=lambda *a: None)
     model = model_loading.apply_lora(model, plan, settings)

@@ -196,9 +196,10 @@ def _causal(query, key, value, scaling, gqa):
     import torch
 
     batch, heads, width, dim = query.shape
-    if query.dtype == torch.bfloat16 and query.device.type == "cpu" and within_block_budget(1, heads, width):
+    cpu_bf16 = query.dtype == torch.bfloat16 and query.device.type == "cpu"
+    rows = rows_within_block_budget(heads, width) if cpu_bf16 else 0
+    if rows:
         scale = scaling if scaling is not None else dim ** -0.5
-        rows = CPU_BLOCK_ATTENTION_BYTES // (heads * saved_probabilities(width) * 2)  # most that fit
         if rows >= batch:
             return block_causal_attention(query, key, value, scale)
         return torch.cat([block_causal_attention(query[i:i + rows], key[i:i + rows], value[i:i + rows], scale)
@@ -209,7 +210,12 @@ def _causal(query, key, value, scaling, gqa):
 
 def within_block_budget(batch: int, heads: int, width: int) -> bool:
     """block_causal_attention keeps at most CPU_BLOCK_ATTENTION_BYTES of bf16 probabilities for this call."""
-    return batch * heads * saved_probabilities(width) * 2 <= CPU_BLOCK_ATTENTION_BYTES
+    return batch <= rows_within_block_budget(heads, width)
+
+
+def rows_within_block_budget(heads: int, width: int) -> int:
+    """Most rows of `width` tokens whose bf16 probabilities one block_causal_attention call may keep."""
+    return CPU_BLOCK_ATTENTION_BYTES // (heads * saved_probabilities(width) * 2)
 
 
 def saved_probabilities(width: int, block: int = ATTENTION_BLOCK) -> int:

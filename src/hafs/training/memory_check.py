@@ -217,8 +217,9 @@ def relax_for_data(plan, settings, longest: int, estimate=None, *, log=print, ca
     longest is 1,452 of 2,048 tokens): checkpointing chosen for the limit would recompute layers that
     fit. Only 'auto' checkpointing is relaxed, never an explicit choice, and never turned up.
     """
-    # Padded rows are as wide as the longest rounded up to a multiple of 8 (batching.collate).
-    width = min(-(-int(longest) // 8) * 8, plan.sequence_length)
+    from .batching import PAD_MULTIPLE
+
+    width = min(-(-int(longest) // PAD_MULTIPLE) * PAD_MULTIPLE, plan.sequence_length)  # as collate pads rows
     if (settings is None or plan.gradient_checkpointing is not None or plan.packing
             or not getattr(settings, "gradient_checkpointing", False) or not 0 < width < plan.sequence_length):
         return estimate
@@ -239,5 +240,5 @@ def relax_for_data(plan, settings, longest: int, estimate=None, *, log=print, ca
     log(f"note: this data's longest example has {longest:,} tokens (sequence_length {plan.sequence_length:,}): "
         f"gradient checkpointing {now}, ~{verdict.estimate.total_gb:.1f} GiB of {verdict.available_gb:g}")
     settings.gradient_checkpointing = verdict.gradient_checkpointing
-    settings.checkpointed_layers = verdict.checkpointed_layers if verdict.gradient_checkpointing else None
+    settings.checkpointed_layers = verdict.checkpointed_layers  # None without checkpointing
     return verdict.estimate
