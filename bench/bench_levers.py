@@ -157,13 +157,14 @@ def main() -> None:
     run(model, settings, batches)  # warm-up: first-call allocations and kernel choices
     print(f"{'lever':10s} {'on (min / median s)':>22s} {'off (min / median s)':>22s}  on/off min  on/off median"
           "  paired median")
+    engine_cudnn = settings.sdpa_cudnn  # run_settings' choice, restored after its lever
     for lever in levers:
         times = {True: [], False: []}
         for _ in range(args.rounds):
             for on in (True, False):
                 switch(model, lever, on, settings)
                 times[on].append(run(model, settings, batches))
-        switch(model, lever, lever != "no_cudnn", settings)  # back to the engine's own choice
+        switch(model, lever, lever != "no_cudnn" or not engine_cudnn, settings)  # back to the engine's own choice
         on, off = times[True], times[False]
         mid_on, mid_off = statistics.median(on), statistics.median(off)
         # Each round's on/off pair ran back to back: the median of their ratios is the least drift-prone.

@@ -5,11 +5,12 @@
 # LEVERS=a,b first times those levers in one process (bench_levers.py; ROWS=none: only that).
 #   BUDGET=440 ROWS=hafs,trl,hafs-fit bench/run_gpu.sh
 #   LEVERS=no_cudnn,lora ROWS=none bench/run_gpu.sh
+#   TAG=cudnn STEPS=150 RUNSET=sdpa_cudnn=true ROWS=hafs bench/run_gpu.sh   # a lever, end to end
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export OUT=${OUT:-$PWD}
 if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  [ -d /tmp/site/trl ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
   export PYTHONPATH=/tmp/site
 fi
@@ -30,8 +31,13 @@ if [ -n "${LEVERS:-}" ]; then  # paired on/off timings in one process, e.g. LEVE
     --cache /tmp/benchcache 2>&1 | tee "$OUT/levers_log.txt"
 fi
 [ "${ROWS:-}" = none ] && exit 0
-python3 bench/bench_train.py --gpu ${SHAPE:+--shape "$SHAPE"} --budget "${BUDGET:-440}" ${ROWS:+--rows "$ROWS"} --cache /tmp/benchcache 2>&1 \
-  | tee "$OUT/bench_log.txt"
+sets=()  # RUNSET="sdpa_cudnn=true liger=false": RunSettings overrides for the hafs rows
+for o in ${RUNSET:-}; do sets+=(--run-set "$o"); done
+python3 bench/bench_train.py --gpu ${SHAPE:+--shape "$SHAPE"} --budget "${BUDGET:-440}" ${ROWS:+--rows "$ROWS"} \
+  ${STEPS:+--steps "$STEPS"} "${sets[@]}" --cache /tmp/benchcache 2>&1 | tee "$OUT/bench_log${TAG:+_$TAG}.txt"
+if [ -n "${TAG:-}" ]; then
+  for f in bench_gpu.txt bench_gpu.json; do mv -f "$OUT/$f" "$OUT/${f%.*}_$TAG.${f##*.}" 2>/dev/null; done
+fi
 if [ -n "${PROFILE:-}" ]; then
   mkdir -p /tmp/profile  # its own OUT: the short run would overwrite bench_gpu.txt
   OUT=/tmp/profile timeout "${PROFILE_S:-120}" python3 bench/bench_train.py --gpu ${SHAPE:+--shape "$SHAPE"} --rows hafs --steps 30 --profile \

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import types
@@ -322,6 +323,7 @@ def test_checkpointing_is_relaxed_for_data_shorter_than_sequence_length(cfg):
     assert settings.gradient_checkpointing and settings.checkpointed_layers < k
     assert relaxed.settings["sequence_length"] == 1200 and relaxed.total_gb <= plan.hardware.available_memory_gb
     assert "longest example has 1,200 tokens" in logged[0] and f"instead of {k}" in logged[0]
+    assert re.search(r"GiB of \d+(\.\d)?$", logged[0])  # a fractional budget with one decimal, not 8.27623
     # Short enough data needs none at all.
     short = relax_for_data(plan, settings, 300, relaxed, log=logged.append, model_config=QWEN_15B)
     assert short.total_gb <= plan.hardware.available_memory_gb and not short.settings["gradient_checkpointing"]

@@ -171,6 +171,11 @@ class MemoryEstimate:
         return "\n".join(lines + [f"{'total':<25}{self.total_gb:7.2f} GiB  ({s.get('device_kind', '?')})"])
 
 
+def gib(value: float) -> str:
+    """A memory size in GiB for messages: one decimal, none for whole numbers (8.3, 24)."""
+    return f"{value:.1f}".removesuffix(".0")
+
+
 def checkpointed_count(layers: int, gradient_checkpointing: bool, checkpointed_layers: int | None) -> int:
     """Decoder layers checkpointed: none without checkpointing, else `checkpointed_layers` (None: all)."""
     if not gradient_checkpointing:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from .distributed import planned_world_size
 from .errors import HardwareError
-from .memory import ATTN_IMPLS, CPU_ALLOCATORS, MemoryEstimate, estimate_memory
+from .memory import ATTN_IMPLS, CPU_ALLOCATORS, MemoryEstimate, estimate_memory, gib
 from .memory_fit import FitSuggestions, over_limit_problem, suggestions
 from .model_config import load_model_config
 
@@ -45,7 +45,7 @@ class MemoryVerdict:
         """Breakdown plus the verdict line, for --dry-run."""
         verdict = "fits" if self.fits else "does NOT fit"
         lines = [self.estimate.render(),
-                 f"  verdict: {self.estimate.total_gb:.1f} GiB of {self.available_gb:g} GiB available: {verdict}"]
+                 f"  verdict: {self.estimate.total_gb:.1f} GiB of {gib(self.available_gb)} GiB available: {verdict}"]
         if self.suggestions and not self.fits:
             lines.append(f"  {self.suggestions.hint()}")
         lines += [f"  note: {n}" for n in self.notes]
@@ -117,7 +117,7 @@ def check_memory(plan, model_config: dict, *, settings=None, caps=None, force: b
     budget = hw.available_memory_gb
     device_gb = caps.device_memory_gb(kwargs["device_kind"]) if caps is not None else 0.0
     if 0 < device_gb < budget:
-        notes.append(f"{plan.hardware_name} declares {budget:g} GiB but this device has {device_gb:.1f} GiB: "
+        notes.append(f"{plan.hardware_name} declares {gib(budget)} GiB but this device has {device_gb:.1f} GiB: "
                      "checking against the device")
         budget = device_gb
     est = estimate_memory(model_config, **kwargs)
@@ -127,7 +127,7 @@ def check_memory(plan, model_config: dict, *, settings=None, caps=None, force: b
         kwargs["packed_weights"] = False
         unpacked = estimate_memory(model_config, **kwargs)
         unpack_note = (f"frozen weights not pre-packed: with the packed copies the run needs ~{est.total_gb:.1f} "
-                       f"GiB of {budget:g}, without ~{unpacked.total_gb:.1f}")
+                       f"GiB of {gib(budget)}, without ~{unpacked.total_gb:.1f}")
         est = unpacked
     if est.total_gb > budget and plan.gradient_checkpointing is None and not kwargs["gradient_checkpointing"] \
             and hw.supports_gradient_checkpointing:
@@ -143,7 +143,7 @@ def check_memory(plan, model_config: dict, *, settings=None, caps=None, force: b
             some = "" if checked == layers else (f" on the first {checked} of {layers} layers (the fewest that fit; "
                                                  f"all {layers}: ~{with_gc.total_gb:.1f} GiB)")
             notes.append(f"gradient checkpointing turned on{some}: without it the run needs ~{est.total_gb:.1f} GiB "
-                         f"of {budget:g}, with it ~{fewest.total_gb:.1f}")
+                         f"of {gib(budget)}, with it ~{fewest.total_gb:.1f}")
             est = fewest
     if unpack_note:
         notes.insert(0, unpack_note)
@@ -238,7 +238,7 @@ def relax_for_data(plan, settings, longest: int, estimate=None, *, log=print, ca
         return estimate
     now = f"on {after} of {layers} layers instead of {before}" if after else f"off (instead of on {before} layers)"
     log(f"note: this data's longest example has {longest:,} tokens (sequence_length {plan.sequence_length:,}): "
-        f"gradient checkpointing {now}, ~{verdict.estimate.total_gb:.1f} GiB of {verdict.available_gb:g}")
+        f"gradient checkpointing {now}, ~{verdict.estimate.total_gb:.1f} GiB of {gib(verdict.available_gb)}")
     settings.gradient_checkpointing = verdict.gradient_checkpointing
     settings.checkpointed_layers = verdict.checkpointed_layers  # None without checkpointing
     return verdict.estimate

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from .errors import Problem
-from .memory import MemoryEstimate, estimate_memory
+from .memory import MemoryEstimate, estimate_memory, gib
 
 
 def suggestions(estimate: MemoryEstimate, available_memory_gb: float) -> FitSuggestions:
@@ -31,7 +31,7 @@ def over_limit_problem(estimate: MemoryEstimate, plan, available_memory_gb: floa
             hint = (f"distributed = \"fsdp\" in [hardware.{plan.hardware_name}] shards the frozen layers over "
                     f"the {world} workers: ~{sharded:.1f} GiB each; or " + hint)
     return Problem(f"Hardware {plan.hardware.name} is unsupported: training needs about {estimate.total_gb:.1f} "
-                   f"GiB, {plan.hardware_name} has {budget:g} GiB (sequence_length {plan.sequence_length}, "
+                   f"GiB, {plan.hardware_name} has {gib(budget)} GiB (sequence_length {plan.sequence_length}, "
                    f"batch_size {plan.batch_size}, {estimate.settings.get('precision')})",
                    key=f"presets.{plan.preset}",
                    file=plan.config_path if not plan.config_path.startswith("<") else "", hint=hint)

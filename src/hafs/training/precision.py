@@ -233,8 +233,12 @@ def run_settings(plan, caps=None) -> RunSettings:
     # PyTorch's CPU dropout draws one mt19937 number per element: at LoRA's input widths that was
     # as slow as the layer's matmuls. CUDA's dropout (Philox, fused) is cheap: keep it there.
     s.fast_dropout = kind == "cpu"
-    # Liger's Triton kernels are CUDA-only; used when installed.
-    s.liger = kind == "cuda" and installed("liger_kernel")
+    # Liger's Triton kernels (RMSNorm, SwiGLU, RoPE) do each op in one launch, but a Triton launch
+    # costs the host more than the few torch kernels of ours, and a LoRA step on a GPU waits on the
+    # host: on the H200 benchmark (2026-11-27, 100 steps each, same data) hafs's own kernels ran
+    # 3,899 tokens/s against Liger's 3,462, at the same peak memory (12.41 / 12.44 GB). So ours are
+    # the default; `liger` stays a lever the benchmark can turn on (--run-set liger=true).
+    s.liger = False
     # One fused kernel over all adapter tensors: on this CPU 0.49 ms per step for 64 LoRA tensors
     # against 1.35 ms for foreach (torch >= 2.4 has the CPU kernel; MPS's is left untried).
     s.fused_optimizer = kind in ("cuda", "cpu")
@@ -244,15 +248,15 @@ def run_settings(plan, caps=None) -> RunSettings:
     # the CPU benchmark, bench_levers.py), and the SwiGLU MLP does not keep silu(gate): 21% fewer
     # saved activation bytes.
     s.lean_kernels = True
-    # RMSNorm without the fp32 copies: 1.4x fwd + bwd on this CPU; not measured on GPUs (CUDA runs
-    # Liger's fused RMSNorm when installed).
-    s.lean_rms_norm = kind == "cpu"
+    # RMSNorm without the fp32 copies: 1.4x fwd + bwd on this CPU; on CUDA, with lean_rotary, faster
+    # than Liger's (above). MPS keeps transformers' (not measured there).
+    s.lean_rms_norm = kind in ("cpu", "cuda")
     # The chunked loss's softmax straight from bf16 logits: 1.5-2.5x faster per chunk on this CPU
     # than an fp32 copy and five passes over it; GPUs keep the fp32 path (not measured there).
     s.bf16_loss_softmax = kind == "cpu" and s.autocast_dtype == "bfloat16"
     # Rotary embedding as one node: transformers' makes a rotate_half copy, two products and a sum
-    # (and their transposes in backward). CPU only, as the RMSNorm: Liger has its own on CUDA.
-    s.lean_rotary = kind == "cpu"
+    # (and their transposes in backward). CPU and CUDA, as the RMSNorm.
+    s.lean_rotary = kind in ("cpu", "cuda")
     # A CPU bf16 matmul reorders its plain weight into oneDNN's blocked layout on every call, forward
     # and backward; the frozen weights are packed once per run instead (packed_linear): 3-5% per
     # step on this CPU, same values (and q, k, v with adapters as one node, fused_qkv: ~1.3% more, its
@@ -281,8 +285,8 @@ def run_settings(plan, caps=None) -> RunSettings:
     # cuDNN's SDPA builds an execution graph for every new shape, and length-grouped batches bring new
     # ones nearly every step: in torch.profiler over the H100 benchmark's hafs row (2026-11-27) its
     # forward and backward took 25% of the host's time (1.4 ms per call) in steps that kept the GPU
-    # 8% busy. Flash / memory-efficient attention instead is not measured end to end yet, so SDPA
-    # keeps its own choice until it is (bench_levers.py --spec gpu --levers no_cudnn).
+    # 8% busy. Flash / memory-efficient attention have no per-shape setup: on the H200 benchmark
+    # (2026-11-27, 100 steps each, same data) 3,462 tokens/s without cuDNN against 2,261 with it.
     # engine.train holds the choice around the whole loop (attention_kernels), backward included.
-    s.sdpa_cudnn = True
+    s.sdpa_cudnn = False
     return s

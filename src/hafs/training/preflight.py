@@ -144,6 +144,7 @@ def rank_presets(cfg, caps: Capabilities, *, memory: bool = True, config_loader=
     With `memory`, each runnable preset's estimate is compared with its budget; `config_loader(base_model)`
     returns a model's config.json dict (default: model_config.load_model_config, one call per base model).
     """
+    from .memory import gib
     from .memory_check import check_memory
     from .model_config import load_model_config
     from .plan import resolve
@@ -174,7 +175,7 @@ def rank_presets(cfg, caps: Capabilities, *, memory: bool = True, config_loader=
                 plan.precision = pf.precision
                 verdict = check_memory(plan, cache[base], caps=caps)
                 ok = verdict.fits
-                reason += f", ~{verdict.estimate.total_gb:.1f} of {verdict.available_gb:g} GiB" + (
+                reason += f", ~{verdict.estimate.total_gb:.1f} of {gib(verdict.available_gb)} GiB" + (
                     "" if ok else f" (too much; {verdict.suggestions.hint()})")
         rows.append((name, ok, reason, DEVICE_ORDER.index(pf.device)))
     rows.sort(key=lambda r: (not r[1], r[3], r[0]))
