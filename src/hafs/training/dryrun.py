@@ -88,7 +88,8 @@ def dry_run(cfg: TrainingFile, preset: str, overrides=None, *, force: bool = Fal
     _preflight(plan, report, caps)
     lengths = _dataset(plan, report)
     if lengths is not None:
-        _steps(plan, report, lengths)
+        tokens = _steps(plan, report, lengths)
+        _time(plan, report, tokens, caps)
     _memory(plan, report, force, caps)
     return report
 
@@ -155,7 +156,8 @@ def _token_lengths(plan, train, report):
         return lengths
 
 
-def _steps(plan, report, lengths) -> None:
+def _steps(plan, report, lengths) -> int:
+    """Steps and tokens per step into the report; returns the tokens the run trains (epochs or max_steps)."""
     from .batching import plan_batches
 
     micro = len(plan_batches(lengths, batch_size=plan.batch_size, sequence_length=plan.sequence_length,
@@ -168,6 +170,20 @@ def _steps(plan, report, lengths) -> None:
     report.numbers["tokens per step (avg)"] = int(lengths.sum() / max(1, micro / plan.gradient_accumulation))
     if plan.save_steps:
         report.numbers["checkpoints"] = f"every {plan.save_steps} steps, keep {plan.save_total_limit}"
+    return int(lengths.sum() * total / max(1, math.ceil(micro / plan.gradient_accumulation)))
+
+
+def _time(plan, report, tokens: int, caps) -> None:
+    """Training time from the newest earlier run of this base model on this device (earlier_runs)."""
+    from .earlier_runs import describe_estimate, find_earlier_run
+    from .precision import run_settings
+
+    settings = run_settings(plan, caps)
+    device = caps.describe(settings.device.split(":")[0])
+    run = find_earlier_run(plan.output.models_dir, base_model=plan.expert.base_model, device=device,
+                           precision=settings.precision)
+    if run is not None:
+        report.numbers["training time (est.)"] = describe_estimate(tokens, run)
 
 
 def _memory(plan, report, force: bool, caps=None) -> None:

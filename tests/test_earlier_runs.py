@@ -1,0 +1,70 @@
+"""The dry run's time estimate: read from earlier runs' metadata.json, never guessed."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from test_hardware import CU128, linux_cpu, with_gpu
+
+from hafs.training.earlier_runs import describe_estimate, find_earlier_run
+from hafs.training.loader import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU = "cpu: Fake EPYC, 8 cores, 32.0 GiB RAM"
+
+
+def write_run(models: Path, name: str, *, base="hafs-demo/tiny-qwen2", device=CPU, precision="bf16",
+              seconds=10.0, tokens=20_000, age=0.0, created="2026-11-27T05:00:00") -> Path:
+    folder = models / name
+    folder.mkdir(parents=True)
+    meta = {"model": {"base": base}, "hardware": {"device_name": device},
+            "training": {"precision": precision, "duration_seconds": seconds, "tokens_trained": tokens},
+            "metadata": {"created": created}}
+    path = folder / "metadata.json"
+    path.write_text(json.dumps(meta))
+    stamp = path.stat().st_mtime - age
+    os.utime(path, (stamp, stamp))
+    return folder
+
+
+def test_the_newest_run_of_the_same_model_device_and_precision_is_the_evidence(tmp_path):
+    write_run(tmp_path, "old", seconds=10, tokens=10_000, age=3600)
+    newest = write_run(tmp_path, "newest", seconds=10, tokens=30_000, age=60)
+    write_run(tmp_path, "other-gpu", device="cuda: NVIDIA H200 (sm_90, 139.7 GiB)", tokens=900_000)
+    write_run(tmp_path, "other-base", base="Qwen/Qwen2.5-Coder-1.5B", tokens=900_000)
+    write_run(tmp_path, "fp32", precision="fp32", tokens=900_000)
+    write_run(tmp_path, "untimed", seconds=0, tokens=900_000)
+    (tmp_path / "partial").mkdir()
+    (tmp_path / "partial" / "metadata.json").write_text('{"model": ')  # a run killed mid-write
+    run = find_earlier_run(tmp_path, base_model="hafs-demo/tiny-qwen2", device=CPU, precision="bf16")
+    assert run.model_dir == newest and run.tokens_per_second == 3_000
+    assert find_earlier_run(tmp_path, base_model="hafs-demo/tiny-qwen2", device=CPU, precision="fp16") is None
+    assert find_earlier_run(tmp_path / "missing", base_model="x", device=CPU, precision="bf16") is None
+
+
+def test_estimate_names_its_source_and_scales_by_tokens(tmp_path):
+    run = find_earlier_run(write_run(tmp_path, "r1", seconds=37.3, tokens=58_868).parent,
+                           base_model="hafs-demo/tiny-qwen2", device=CPU, precision="bf16")
+    assert describe_estimate(58_868, run) == ("~37 s (58,868 tokens at 1,578 tokens/s, as r1 did on 2026-11-27)")
+    assert describe_estimate(58_868 * 10, run).startswith("~6 min ")
+    assert describe_estimate(58_868 * 300, run).startswith("~3.1 h ")
+
+
+def test_dry_run_prints_the_time_only_with_an_earlier_run_to_go_by(tmp_path):
+    from hafs.training.dryrun import dry_run
+
+    cfg = load_config(ROOT / "config" / "training.toml")
+    overrides = [f"output.models_dir={tmp_path}"]
+    report = dry_run(cfg, "demo", overrides, caps=linux_cpu())
+    assert "training time (est.)" not in report.numbers
+    # A run of the same model on another machine is no evidence for this one.
+    write_run(tmp_path, "on-a-gpu", device=with_gpu("NVIDIA H200", (9, 0), CU128, 139).describe("cuda"))
+    assert "training time (est.)" not in dry_run(cfg, "demo", overrides, caps=linux_cpu()).numbers
+    write_run(tmp_path, "here", seconds=4, tokens=40_000)  # 10,000 tokens/s
+    report = dry_run(cfg, "demo", overrides, caps=linux_cpu())
+    tokens = (report.numbers.get("training tokens") or report.numbers["training tokens (est.)"]) * 3  # 3 epochs
+    assert report.numbers["training time (est.)"].startswith(
+        f"~{round(tokens / 10_000)} s ({tokens:,} tokens at 10,000 tokens/s, as here did")
+    assert "training time (est.)" in report.render()
