@@ -20,7 +20,7 @@ Levers (kernels.py), each switched on its own with the others on:
   no_cudnn  (CUDA) SDPA without cuDNN's attention (RunSettings.sdpa_cudnn = False; off: SDPA's own choice)
 
 On a GPU (`--spec gpu`, Qwen2.5-Coder-1.5B's shape; `--spec gpu-small` for a toy run of the same code):
-    python bench/bench_levers.py --spec gpu --levers no_cudnn,lora --rounds 6
+    python bench/bench_levers.py --spec gpu --levers no_cudnn,lora,rms_norm --rounds 6
 Batching levers (padding-free rows, attention groups) change the batches themselves and are measured
 by bench_train.py.
 """
@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_train  # noqa: E402  (the fixture and its config)
 
 LEVERS = ("lora", "rotary", "rms_norm", "swiglu", "packed")
-CPU_ONLY = ("rotary", "rms_norm", "swiglu", "packed")  # CUDA runs Liger's kernels, and nothing is packed there
-CUDA_LEVERS = ("no_cudnn", "lora")
+CPU_ONLY = ("packed",)  # nothing is packed on CUDA
+CUDA_LEVERS = ("no_cudnn", "lora", "rotary", "rms_norm", "swiglu")  # CUDA bf16 runs hafs's kernels too
 _packed: dict = {}  # model id -> the open packed_weights context while the "packed" lever is on
 
 
@@ -123,7 +123,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="the toy fixture (= --spec tiny)")
     ap.add_argument("--spec", choices=sorted(bench_train.SPECS), default="", help="fixture (default: cpu)")
-    ap.add_argument("--levers", default="", help=f"comma-separated, from {', '.join(LEVERS + CUDA_LEVERS[:1])} "
+    ap.add_argument("--levers", default="", help=f"comma-separated, from {', '.join(LEVERS + ('no_cudnn',))} "
                                                  f"(default: the device's: {', '.join(LEVERS)} on a CPU, "
                                                  f"{', '.join(CUDA_LEVERS)} on CUDA)")
     ap.add_argument("--rounds", type=int, default=8, help="on/off pairs per lever")

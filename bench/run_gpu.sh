@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmark on a lent device machine (bench/README.md, "GPU"): the device image has torch but
-# not TRL, datasets or Liger, so their wheels travel in .whl/ (ignored by git). Writes the table to
+# not TRL, datasets or Liger, so their wheels travel in .whl/ (ignored by git; installed once per machine
+# into /tmp/site: a changed wheel needs a fresh machine or `rm -rf /tmp/site`). Writes the table to
 # $OUT/bench_gpu.txt and the log to $OUT/bench_log.txt; PROFILE=1 adds $OUT/profile_hafs.txt;
 # LEVERS=a,b first times those levers in one process (bench_levers.py; ROWS=none: only that).
 #   BUDGET=440 ROWS=hafs,trl,hafs-fit bench/run_gpu.sh
@@ -34,7 +35,7 @@ fi
 sets=()  # RUNSET="sdpa_cudnn=true liger=false": RunSettings overrides for the hafs rows
 for o in ${RUNSET:-}; do sets+=(--run-set "$o"); done
 python3 bench/bench_train.py --gpu ${SHAPE:+--shape "$SHAPE"} --budget "${BUDGET:-440}" ${ROWS:+--rows "$ROWS"} \
-  ${STEPS:+--steps "$STEPS"} "${sets[@]}" --cache /tmp/benchcache 2>&1 | tee "$OUT/bench_log${TAG:+_$TAG}.txt"
+  ${STEPS:+--steps "$STEPS"} ${sets[@]+"${sets[@]}"} --cache /tmp/benchcache 2>&1 | tee "$OUT/bench_log${TAG:+_$TAG}.txt"
 if [ -n "${TAG:-}" ]; then
   for f in bench_gpu.txt bench_gpu.json; do mv -f "$OUT/$f" "$OUT/${f%.*}_$TAG.${f##*.}" 2>/dev/null; done
 fi

@@ -75,7 +75,7 @@ def test_switch_installs_and_removes_each_lever(levers):
 def test_no_cudnn_lever_reaches_the_sdpa_flags_through_the_run_settings(levers):
     from hafs.training.precision import RunSettings
 
-    settings = RunSettings(device="cuda")
+    settings = RunSettings(device="cuda", sdpa_cudnn=True)
     levers.switch(None, "no_cudnn", True, settings)
     with settings.attention_kernels():
         assert not torch.backends.cuda.cudnn_sdp_enabled()

@@ -336,6 +336,11 @@ def test_overrides_are_type_checked_and_applied():
     plan = resolve(load_config_text(base(("batch_size = 2", 'batch_size = 2\nhyperparameters = "quick-test"'))),
                    "run", {"max_steps": "none", "precision": "auto"})
     assert plan.max_steps is None and plan.precision == "bf16"
+    # The profile's device is the plan's (resolve copies it): moving one moves the other, unless both are set.
+    moved = resolve(load_config_text(base()), "run", ["hardware.device=mps"])
+    assert moved.device == moved.hardware.device == "mps"
+    both = resolve(load_config_text(base()), "run", ["hardware.device=mps", "device=auto"])
+    assert both.device == "auto" and both.hardware.device == "mps"
 
 
 @pytest.mark.parametrize("override, key, fragment", [

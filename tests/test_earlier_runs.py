@@ -36,12 +36,18 @@ def test_the_newest_run_of_the_same_model_device_and_precision_is_the_evidence(t
     write_run(tmp_path, "other-base", base="Qwen/Qwen2.5-Coder-1.5B", tokens=900_000)
     write_run(tmp_path, "fp32", precision="fp32", tokens=900_000)
     write_run(tmp_path, "untimed", seconds=0, tokens=900_000)
+    write_run(tmp_path, "on-4-gpus", tokens=900_000).joinpath("metadata.json").write_text(json.dumps(
+        {"model": {"base": "hafs-demo/tiny-qwen2"}, "hardware": {"device_name": CPU}, "metadata": None,
+         "training": {"precision": "bf16", "duration_seconds": 1, "tokens_trained": 9e6, "world_size": 4}}))
     (tmp_path / "partial").mkdir()
     (tmp_path / "partial" / "metadata.json").write_text('{"model": ')  # a run killed mid-write
     run = find_earlier_run(tmp_path, base_model="hafs-demo/tiny-qwen2", device=CPU, precision="bf16")
     assert run.model_dir == newest and run.tokens_per_second == 3_000
     assert find_earlier_run(tmp_path, base_model="hafs-demo/tiny-qwen2", device=CPU, precision="fp16") is None
     assert find_earlier_run(tmp_path / "missing", base_model="x", device=CPU, precision="bf16") is None
+    # tokens_trained counts every worker's: a 4-worker run only stands for a 4-worker plan
+    four = find_earlier_run(tmp_path, base_model="hafs-demo/tiny-qwen2", device=CPU, precision="bf16", world_size=4)
+    assert four.model_dir.name == "on-4-gpus" and four.tokens_per_second == 9e6 and four.created == ""
 
 
 def test_estimate_names_its_source_and_scales_by_tokens(tmp_path):
@@ -68,3 +74,20 @@ def test_dry_run_prints_the_time_only_with_an_earlier_run_to_go_by(tmp_path):
     assert report.numbers["training time (est.)"].startswith(
         f"~{round(tokens / 10_000)} s ({tokens:,} tokens at 10,000 tokens/s, as here did")
     assert "training time (est.)" in report.render()
+
+
+def test_dry_run_time_counts_max_steps_and_accumulation_and_needs_the_planned_device(tmp_path):
+    from hafs.training.dryrun import dry_run
+
+    cfg = load_config(ROOT / "config" / "training.toml")
+    write_run(tmp_path, "here", seconds=4, tokens=40_000)
+    report = dry_run(cfg, "demo", [f"output.models_dir={tmp_path}", "max_steps=5", "gradient_accumulation=2"],
+                     caps=linux_cpu())
+    per_epoch = report.numbers.get("training tokens") or report.numbers["training tokens (est.)"]
+    steps_per_epoch = -(-report.numbers["micro-batches per epoch"] // 2)
+    tokens = int(per_epoch * 5 / steps_per_epoch)
+    assert report.numbers["optimizer steps"] == 5
+    assert f"({tokens:,} tokens at 10,000 tokens/s" in report.numbers["training time (est.)"]
+    # A CUDA plan dry-run on a machine without a GPU: this CPU's runs say nothing about it.
+    gpu = dry_run(cfg, "demo", [f"output.models_dir={tmp_path}", "hardware.device=cuda"], caps=linux_cpu())
+    assert "training time (est.)" not in gpu.numbers

@@ -305,6 +305,9 @@ def test_cpu_only_kernel_choices_are_settled_in_run_settings():
     assert not (gpu.bf16_loss_softmax or gpu.packed_weights)
     # hafs's RMSNorm and rotary nodes rather than Liger's Triton kernels: fewer host cycles per launch-bound step
     assert gpu.lean_rotary and gpu.lean_rms_norm and not gpu.liger
+    # a GPU without bf16 trains in fp16: transformers' fp32 RMSNorm, no row factor rounded to fp16
+    t4 = run_settings(plan("cuda"), with_gpu("Tesla T4", (7, 5), CU128, 16))
+    assert t4.precision == "fp16" and not (t4.lean_rms_norm or t4.lean_rotary or t4.liger)
     assert gpu.fused_optimizer
     assert not gpu.sdpa_cudnn  # no per-shape cuDNN graphs for length-grouped batches
 
@@ -320,7 +323,9 @@ def test_attention_kernels_keep_cudnn_out_only_when_asked():
         assert [f() for f in flags] == [False, True, True]
     assert [f() for f in flags] == before
     cpu = RunSettings(device="cpu", sdpa_cudnn=False)
-    with RunSettings(device="cuda").attention_kernels(), cpu.attention_kernels():
-        assert [f() for f in flags] == before  # the default, and CPU runs, leave SDPA's choice alone
+    with RunSettings(device="cuda", sdpa_cudnn=True).attention_kernels(), cpu.attention_kernels():
+        assert [f() for f in flags] == before  # cuDNN allowed, and CPU runs, leave SDPA's choice alone
+    with RunSettings(device="cuda").attention_kernels():
+        assert not torch.backends.cuda.cudnn_sdp_enabled()  # the default: no per-shape cuDNN graphs
     with RunSettings(device="cpu", precision="bf16", autocast_dtype="bfloat16").autocast():
         assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16

@@ -179,9 +179,11 @@ def _time(plan, report, tokens: int, caps) -> None:
     from .precision import run_settings
 
     settings = run_settings(plan, caps)
-    device = caps.describe(settings.device.split(":")[0])
-    run = find_earlier_run(plan.output.models_dir, base_model=plan.expert.base_model, device=device,
-                           precision=settings.precision)
+    kind = settings.device.split(":")[0]
+    if kind not in caps.device_kinds():  # a GPU plan dry-run on a laptop: its CPU runs are no evidence
+        return
+    run = find_earlier_run(plan.output.models_dir, base_model=plan.expert.base_model, device=caps.describe(kind),
+                           precision=settings.precision, world_size=plan.world_size())
     if run is not None:
         report.numbers["training time (est.)"] = describe_estimate(tokens, run)
 

@@ -30,9 +30,11 @@ class EarlierRun:
     """When it finished (metadata.json's ISO time)."""
 
 
-def find_earlier_run(models_dir: Path, *, base_model: str, device: str, precision: str) -> EarlierRun | None:
+def find_earlier_run(models_dir: Path, *, base_model: str, device: str, precision: str,
+                     world_size: int = 1) -> EarlierRun | None:
     """The newest finished run in `models_dir` of `base_model` on `device` (Capabilities.describe's line,
-    the machine and its device) in `precision`; None when there is none (or none recorded its speed)."""
+    the machine and its device) in `precision` with `world_size` workers (its tokens are all workers'
+    together); None when there is none (or none recorded its speed)."""
     try:
         files = sorted(Path(models_dir).glob("*/metadata.json"), key=_mtime, reverse=True)[:SCAN_LIMIT]
     except OSError:
@@ -42,13 +44,14 @@ def find_earlier_run(models_dir: Path, *, base_model: str, device: str, precisio
             meta = json.loads(path.read_text())
             training, hardware = meta["training"], meta["hardware"]
             if (meta["model"]["base"] != base_model or hardware.get("device_name") != device
-                    or training.get("precision") != precision):
+                    or training.get("precision") != precision or training.get("world_size", 1) != world_size):
                 continue
             seconds, tokens = float(training["duration_seconds"]), float(training["tokens_trained"])
+            created = str((meta.get("metadata") or {}).get("created") or "")
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue  # another tool's folder, a partial write, a run without timing: not evidence
         if seconds > 0 and tokens > 0:
-            return EarlierRun(path.parent, tokens / seconds, str(meta.get("metadata", {}).get("created", "")))
+            return EarlierRun(path.parent, tokens / seconds, created)
     return None
 
 

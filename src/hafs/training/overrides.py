@@ -92,6 +92,8 @@ def apply_overrides(plan: TrainingConfig, overrides: list[str] | dict) -> dict[s
             setattr(target, name, str(resolve_path(converted, Path.cwd())))
     if problems:
         raise ConfigError(problems, title="Invalid --set override:")
+    if "hardware.device" in applied and "device" not in applied:
+        plan.device = plan.hardware.device  # the plan runs where its profile now says (resolve copied it)
     if plan.precision == "auto":
         plan.precision = _auto_precision(plan.hardware)
     return applied

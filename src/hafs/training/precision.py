@@ -64,8 +64,8 @@ class RunSettings:
     """AdamW(fused=True) (CUDA, CPU); otherwise the foreach implementation."""
     compile: bool = False
     """torch.compile the decoder layers."""
-    sdpa_cudnn: bool = True
-    """Let SDPA pick cuDNN's attention on CUDA (False: flash or memory-efficient kernels only)."""
+    sdpa_cudnn: bool = False
+    """Let SDPA pick cuDNN's attention on CUDA (False: flash or memory-efficient kernels only; see run_settings)."""
     notes: list[str] = field(default_factory=list)
     """Decisions worth telling the user (fallbacks, forced options)."""
 
@@ -248,15 +248,17 @@ def run_settings(plan, caps=None) -> RunSettings:
     # the CPU benchmark, bench_levers.py), and the SwiGLU MLP does not keep silu(gate): 21% fewer
     # saved activation bytes.
     s.lean_kernels = True
-    # RMSNorm without the fp32 copies: 1.4x fwd + bwd on this CPU; on CUDA, with lean_rotary, faster
-    # than Liger's (above). MPS keeps transformers' (not measured there).
-    s.lean_rms_norm = kind in ("cpu", "cuda")
+    # RMSNorm without the fp32 copies: 1.4x fwd + bwd on this CPU; on CUDA in bf16, with lean_rotary,
+    # faster than Liger's (above). Not in fp16 (GPUs without bf16): its backward rounds a row factor
+    # that scales with rstd² to fp16, where GradScaler's 2^16 could overflow it; transformers' stays
+    # fp32 there. MPS keeps transformers' too (not measured there).
+    s.lean_rms_norm = kind == "cpu" or (kind == "cuda" and s.precision == "bf16")
     # The chunked loss's softmax straight from bf16 logits: 1.5-2.5x faster per chunk on this CPU
     # than an fp32 copy and five passes over it; GPUs keep the fp32 path (not measured there).
     s.bf16_loss_softmax = kind == "cpu" and s.autocast_dtype == "bfloat16"
     # Rotary embedding as one node: transformers' makes a rotate_half copy, two products and a sum
-    # (and their transposes in backward). CPU and CUDA, as the RMSNorm.
-    s.lean_rotary = kind in ("cpu", "cuda")
+    # (and their transposes in backward). Where the RMSNorm is lean: measured together on CUDA.
+    s.lean_rotary = s.lean_rms_norm
     # A CPU bf16 matmul reorders its plain weight into oneDNN's blocked layout on every call, forward
     # and backward; the frozen weights are packed once per run instead (packed_linear): 3-5% per
     # step on this CPU, same values (and q, k, v with adapters as one node, fused_qkv: ~1.3% more, its
