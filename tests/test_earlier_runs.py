@@ -16,12 +16,12 @@ CPU = "cpu: Fake EPYC, 8 cores, 32.0 GiB RAM"
 
 
 def write_run(models: Path, name: str, *, base="hafs-demo/tiny-qwen2", device=CPU, precision="bf16",
-              seconds=10.0, tokens=20_000, age=0.0, created="2026-11-27T05:00:00") -> Path:
+              seconds=10.0, tokens=20_000, age=0.0, created="2026-11-27T05:00:00", checkpointing=False) -> Path:
     folder = models / name
     folder.mkdir(parents=True)
     meta = {"model": {"base": base}, "hardware": {"device_name": device},
             "training": {"precision": precision, "duration_seconds": seconds, "tokens_trained": tokens},
-            "metadata": {"created": created}}
+            "metadata": {"created": created}, "run_settings": {"gradient_checkpointing": checkpointing}}
     path = folder / "metadata.json"
     path.write_text(json.dumps(meta))
     stamp = path.stat().st_mtime - age
@@ -45,6 +45,13 @@ def test_the_newest_run_of_the_same_model_device_and_precision_is_the_evidence(t
     assert run.model_dir == newest and run.tokens_per_second == 3_000
     assert find_earlier_run(tmp_path, base_model="hafs-demo/tiny-qwen2", device=CPU, precision="fp16") is None
     assert find_earlier_run(tmp_path / "missing", base_model="x", device=CPU, precision="bf16") is None
+    # A newer run with gradient checkpointing (a second forward per layer) only stands for a checkpointed plan.
+    checkpointed = write_run(tmp_path, "checkpointed", tokens=900_000, checkpointing=True)
+    assert find_earlier_run(tmp_path, base_model="hafs-demo/tiny-qwen2", device=CPU, precision="bf16",
+                            checkpointing=False).model_dir == newest
+    for either in (True, None):
+        assert find_earlier_run(tmp_path, base_model="hafs-demo/tiny-qwen2", device=CPU, precision="bf16",
+                                checkpointing=either).model_dir == checkpointed
     # tokens_trained counts every worker's: a 4-worker run only stands for a 4-worker plan
     four = find_earlier_run(tmp_path, base_model="hafs-demo/tiny-qwen2", device=CPU, precision="bf16", world_size=4)
     assert four.model_dir.name == "on-4-gpus" and four.tokens_per_second == 9e6 and four.created == ""
@@ -68,7 +75,8 @@ def test_dry_run_prints_the_time_only_with_an_earlier_run_to_go_by(tmp_path):
     # A run of the same model on another machine is no evidence for this one.
     write_run(tmp_path, "on-a-gpu", device=with_gpu("NVIDIA H200", (9, 0), CU128, 139).describe("cuda"))
     assert "training time (est.)" not in dry_run(cfg, "demo", overrides, caps=linux_cpu()).numbers
-    write_run(tmp_path, "here", seconds=4, tokens=40_000)  # 10,000 tokens/s
+    write_run(tmp_path, "here", seconds=4, tokens=40_000, age=60)  # 10,000 tokens/s
+    write_run(tmp_path, "checkpointed", seconds=1, tokens=40_000, checkpointing=True)  # newer; the demo fits without
     report = dry_run(cfg, "demo", overrides, caps=linux_cpu())
     tokens = (report.numbers.get("training tokens") or report.numbers["training tokens (est.)"]) * 3  # 3 epochs
     assert report.numbers["training time (est.)"].startswith(

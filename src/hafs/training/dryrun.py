@@ -87,10 +87,10 @@ def dry_run(cfg: TrainingFile, preset: str, overrides=None, *, force: bool = Fal
     caps = caps or _detect()
     _preflight(plan, report, caps)
     lengths = _dataset(plan, report)
-    if lengths is not None:
-        tokens = _steps(plan, report, lengths)
-        _time(plan, report, tokens, caps)
-    _memory(plan, report, force, caps)
+    tokens = _steps(plan, report, lengths) if lengths is not None else None
+    verdict = _memory(plan, report, force, caps)
+    if tokens is not None:
+        _time(plan, report, tokens, caps, None if verdict is None else verdict.gradient_checkpointing)
     return report
 
 
@@ -173,8 +173,9 @@ def _steps(plan, report, lengths) -> int:
     return int(lengths.sum() * total / max(1, math.ceil(micro / plan.gradient_accumulation)))
 
 
-def _time(plan, report, tokens: int, caps) -> None:
-    """Training time from the newest earlier run of this base model on this device (earlier_runs)."""
+def _time(plan, report, tokens: int, caps, checkpointing: bool | None) -> None:
+    """Training time from the newest earlier run of this base model on this device (earlier_runs), with
+    gradient checkpointing as the memory check decided it (None: unknown)."""
     from .earlier_runs import describe_estimate, find_earlier_run
     from .precision import run_settings
 
@@ -183,12 +184,13 @@ def _time(plan, report, tokens: int, caps) -> None:
     if kind not in caps.device_kinds():  # a GPU plan dry-run on a laptop: its CPU runs are no evidence
         return
     run = find_earlier_run(plan.output.models_dir, base_model=plan.expert.base_model, device=caps.describe(kind),
-                           precision=settings.precision, world_size=plan.world_size())
+                           precision=settings.precision, world_size=plan.world_size(), checkpointing=checkpointing)
     if run is not None:
         report.numbers["training time (est.)"] = describe_estimate(tokens, run)
 
 
-def _memory(plan, report, force: bool, caps=None) -> None:
+def _memory(plan, report, force: bool, caps=None):
+    """The memory estimate and its verdict into the report; returns the verdict (None without a model config)."""
     from .memory_check import check_memory
     from .model_config import load_model_config
     from .precision import run_settings
@@ -197,8 +199,9 @@ def _memory(plan, report, force: bool, caps=None) -> None:
         config = load_model_config(plan.expert.base_model, plan.expert.trust_remote_code)
     except HafsError as exc:
         report.notes.append("memory estimate unavailable: " + exc.problems[0].message)
-        return
+        return None
     verdict = check_memory(plan, config, settings=run_settings(plan, caps), caps=caps, force=force)
     report.memory, report.memory_text = verdict.estimate.to_dict(), verdict.render()
     report.problems += verdict.problems
     report.notes += verdict.notes
+    return verdict

@@ -31,10 +31,12 @@ class EarlierRun:
 
 
 def find_earlier_run(models_dir: Path, *, base_model: str, device: str, precision: str,
-                     world_size: int = 1) -> EarlierRun | None:
+                     world_size: int = 1, checkpointing: bool | None = None) -> EarlierRun | None:
     """The newest finished run in `models_dir` of `base_model` on `device` (Capabilities.describe's line,
     the machine and its device) in `precision` with `world_size` workers (its tokens are all workers'
-    together); None when there is none (or none recorded its speed)."""
+    together) and, unless None, gradient checkpointing on or off as `checkpointing` (it costs a second
+    forward per checkpointed layer: 2.1x on the GPU benchmark); None when there is none (or none
+    recorded its speed). How many layers is not compared: a run re-decides it for its data's lengths."""
     try:
         files = sorted(Path(models_dir).glob("*/metadata.json"), key=_mtime, reverse=True)[:SCAN_LIMIT]
     except OSError:
@@ -44,7 +46,9 @@ def find_earlier_run(models_dir: Path, *, base_model: str, device: str, precisio
             meta = json.loads(path.read_text())
             training, hardware = meta["training"], meta["hardware"]
             if (meta["model"]["base"] != base_model or hardware.get("device_name") != device
-                    or training.get("precision") != precision or training.get("world_size", 1) != world_size):
+                    or training.get("precision") != precision or training.get("world_size", 1) != world_size
+                    or (checkpointing is not None
+                        and bool((meta.get("run_settings") or {}).get("gradient_checkpointing")) != checkpointing)):
                 continue
             seconds, tokens = float(training["duration_seconds"]), float(training["tokens_trained"])
             created = str((meta.get("metadata") or {}).get("created") or "")
