@@ -77,6 +77,8 @@ class DryRunReport:
 
 def dry_run(cfg: TrainingFile, preset: str, overrides=None, *, force: bool = False, caps=None) -> DryRunReport:
     """Resolve `preset` and gather every figure and problem without loading model weights."""
+    from .precision import run_settings
+
     plan = resolve(cfg, preset, overrides or [])  # config errors are fatal: nothing below is meaningful
     report = DryRunReport(plan=plan)
     world = plan.world_size()
@@ -88,9 +90,10 @@ def dry_run(cfg: TrainingFile, preset: str, overrides=None, *, force: bool = Fal
     _preflight(plan, report, caps)
     lengths = _dataset(plan, report)
     tokens = _steps(plan, report, lengths) if lengths is not None else None
-    verdict = _memory(plan, report, force, caps)
+    settings = run_settings(plan, caps)  # what the run would settle on this machine, for memory and time alike
+    verdict = _memory(plan, report, force, caps, settings)
     if tokens is not None:
-        _time(plan, report, tokens, caps, None if verdict is None else verdict.gradient_checkpointing)
+        _time(plan, report, tokens, caps, settings, None if verdict is None else verdict.gradient_checkpointing)
     return report
 
 
@@ -173,34 +176,32 @@ def _steps(plan, report, lengths) -> int:
     return int(lengths.sum() * total / max(1, math.ceil(micro / plan.gradient_accumulation)))
 
 
-def _time(plan, report, tokens: int, caps, checkpointing: bool | None) -> None:
+def _time(plan, report, tokens: int, caps, settings, checkpointing: bool | None) -> None:
     """Training time from the newest earlier run of this base model on this device (earlier_runs), with
     gradient checkpointing as the memory check decided it (None: unknown)."""
     from .earlier_runs import describe_estimate, find_earlier_run
-    from .precision import run_settings
 
-    settings = run_settings(plan, caps)
-    kind = settings.device.split(":")[0]
-    if kind not in caps.device_kinds():  # a GPU plan dry-run on a laptop: its CPU runs are no evidence
+    if settings.device.split(":")[0] not in caps.device_kinds():  # a GPU plan dry-run on a laptop: no evidence
         return
-    run = find_earlier_run(plan.output.models_dir, base_model=plan.expert.base_model, device=caps.describe(kind),
-                           precision=settings.precision, world_size=plan.world_size(), checkpointing=checkpointing)
+    # The device line exactly as a run records it in metadata.json (outputs.build_metadata's hardware info).
+    run = find_earlier_run(plan.output.models_dir, base_model=plan.expert.base_model,
+                           device=caps.summary(settings)["device"], precision=settings.precision,
+                           world_size=plan.world_size(), checkpointing=checkpointing)
     if run is not None:
         report.numbers["training time (est.)"] = describe_estimate(tokens, run)
 
 
-def _memory(plan, report, force: bool, caps=None):
+def _memory(plan, report, force: bool, caps, settings):
     """The memory estimate and its verdict into the report; returns the verdict (None without a model config)."""
     from .memory_check import check_memory
     from .model_config import load_model_config
-    from .precision import run_settings
 
     try:
         config = load_model_config(plan.expert.base_model, plan.expert.trust_remote_code)
     except HafsError as exc:
         report.notes.append("memory estimate unavailable: " + exc.problems[0].message)
         return None
-    verdict = check_memory(plan, config, settings=run_settings(plan, caps), caps=caps, force=force)
+    verdict = check_memory(plan, config, settings=settings, caps=caps, force=force)
     report.memory, report.memory_text = verdict.estimate.to_dict(), verdict.render()
     report.problems += verdict.problems
     report.notes += verdict.notes
