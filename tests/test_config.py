@@ -367,6 +367,7 @@ def test_bad_overrides_are_config_errors_naming_the_override(override, key, frag
     ("hardware.max_lora_rank=4", "r=8 (lora.small) exceeds box's max_lora_rank 4"),
     ("learning_rate=-1", "must be > 0"),
     ("lr_scheduler=cosin", "did you mean 'cosine'?"),
+    ("hardware.device=gpu", "unknown value 'gpu'"),  # moves the plan's device too: still one problem, the override's
 ])
 def test_an_override_that_breaks_a_rule_is_refused_and_blamed(override, fragment):
     with pytest.raises(ConfigError) as info:

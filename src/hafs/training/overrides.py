@@ -94,6 +94,7 @@ def apply_overrides(plan: TrainingConfig, overrides: list[str] | dict) -> dict[s
         raise ConfigError(problems, title="Invalid --set override:")
     if "hardware.device" in applied and "device" not in applied:
         plan.device = plan.hardware.device  # the plan runs where its profile now says (resolve copied it)
+        applied["device"] = applied["hardware.device"]  # a bad value is the override's fault, not the file's
     if plan.precision == "auto":
         plan.precision = _auto_precision(plan.hardware)
     return applied

@@ -251,8 +251,8 @@ def resolve(cfg: TrainingFile, preset_name: str, overrides: list[str] | dict | N
     problems = [place(p, (p.key.split("[")[0],), _file_key(plan, cfg, p.key)) for p in _section_problems(plan)]
     if not problems and check_hardware:
         problems = [place(p, fields, p.key) for p, fields in _hardware_checks(plan)]
-    if problems:
-        raise ConfigError(problems, title=f"Preset '{preset_name}' cannot run as configured:")
+    if problems:  # one override can break two rules the same way (hardware.device moves device): say it once
+        raise ConfigError(list(dict.fromkeys(problems)), title=f"Preset '{preset_name}' cannot run as configured:")
     return plan
 
 
