@@ -125,7 +125,7 @@ def adapter_grads(g2, x2, a, b, keep, h, scale: float, dx):
     dtype = x2.dtype
     dh = g2 @ (b * scale).to(dtype)  # [M, r]
     # (hᵀ g)ᵀ rather than gᵀ h: oneDNN runs the [r, M] x [M, out] product 1.6-1.75x faster on this CPU
-    # (54 against 86 us at 650 tokens, 149 against 260 at 2,800; bench/README.md, "Adapter products").
+    # (54 against 86 µs at 650 tokens, 149 against 260 at 2,800; bench/README.md, "Morning of 2026-11-27").
     db = (h.t() @ g2).t().float().mul_(scale).to(b.dtype)
     keep = keep.view(x2.shape).to(dtype) if keep is not None else None
     da = (dh.t() @ (x2 * keep if keep is not None else x2)).to(a.dtype)
