@@ -96,6 +96,38 @@ def test_frozen_linear_input_gradient_matches_f_linear():
     assert torch.equal(got, expected)
 
 
+def test_row_pieces_cover_every_row_count_with_a_handful_of_shapes():
+    sizes = set()
+    for rows in range(1, 3000):
+        pieces = packed_linear.row_pieces(rows)
+        assert 0 <= sum(pieces) - rows < packed_linear.ROW_GRANULE, rows
+        tail = pieces[rows // 512:]  # after the whole pieces: one more whole one, or distinct smaller sizes
+        assert tail == [512] or len(set(tail)) == len(tail) and all(n < 512 for n in tail), rows
+        sizes.update(pieces)
+    assert sizes == {512, 256, 128, 64, 32}
+    assert packed_linear.row_pieces(1100) == [512, 512, 64, 32]
+
+
+@pytest.mark.parametrize("rows", [7, 512, 1100])
+def test_frozen_matmuls_run_in_fixed_row_pieces_with_the_same_numbers(monkeypatch, rows):
+    """Whatever the token count, the packed matmuls only see the row_pieces sizes (cached primitives),
+    and forward and input gradient are those of F.linear."""
+    torch.manual_seed(4)
+    layer = torch.nn.Linear(48, 80).to(torch.bfloat16).requires_grad_(False)
+    x = torch.randn(1, rows, 48, dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(1, rows, 80, dtype=torch.bfloat16)
+    seen = []
+    original = packed_linear._matmul
+    monkeypatch.setattr(packed_linear, "_matmul", lambda x2, *a: seen.append(x2.shape[0]) or original(x2, *a))
+    with packed_linear.packed_weights(layer):
+        out = layer(x)
+        (got,) = torch.autograd.grad(out, [x], grad)
+    assert seen == 2 * packed_linear.row_pieces(rows)  # forward, then the input gradient
+    (expected,) = torch.autograd.grad(torch.nn.functional.linear(x, layer.weight, layer.bias), [x], grad)
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, layer.weight, layer.bias), rtol=0, atol=0)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 def test_weights_that_cannot_or_no_longer_match_their_pack_take_the_plain_matmul():
     trainable = torch.nn.Linear(16, 16).to(torch.bfloat16)  # requires grad: never packed
     fp32 = torch.nn.Linear(16, 16).requires_grad_(False)

@@ -12,6 +12,9 @@ not fit). They are freed when the run ends, so nothing after training (merging t
 the weights, export) can meet a stale copy. Inside the block the weights must not change: a weight
 given new memory or changed in place under no_grad takes the plain matmul, but an in-place edit
 through `.data` (peft's merge) cannot be seen, which is why the packs live no longer than the loop.
+
+The packed matmuls run in row pieces of a few fixed sizes (row_pieces), so that oneDNN's primitives,
+made per shape, are reused from step to step instead of made again for every new token count.
 """
 
 from __future__ import annotations
@@ -25,17 +28,24 @@ _packs: dict[int, tuple] = {}
 # id(weight) -> (weight, stamp, forward pack, transposed pack); filled only inside packed_weights().
 
 
+PIECE_ROWS = 512
+"""Most rows per frozen matmul call (a power of two): longer inputs run in pieces (row_pieces)."""
+ROW_GRANULE = 32
+"""The rows past the whole pieces are rounded up to a multiple of this (a power of two)."""
+PIECE_SHAPES = 8 * 5
+"""Cache entries the row pieces keep warm: ~8 frozen weight shapes (forward and transposed) x 5 sizes."""
 CACHE_ENTRY_BYTES = 1 << 20
 """Resident memory per cached matmul shape (ideep + oneDNN entries: JIT code, scratchpad), measured on this
 CPU by bench/memory_accuracy.py: 0.6-1.2 MiB whatever the model's size."""
 
 
 def primitive_cache_capacity(sequence_length: int) -> int:
-    """Cache entries one training step reuses: ~64 for the linears, adapters and loss, and 6 per attention
-    block of the longest example (attention.ATTENTION_BLOCK), 8 for margin."""
+    """Cache entries one training step reuses: ~64 for the adapters and loss, PIECE_SHAPES for the frozen
+    matmuls' row pieces, and 6 per attention block of the longest example (attention.ATTENTION_BLOCK), 8
+    for margin."""
     from .attention import ATTENTION_BLOCK
 
-    return 64 + 8 * -(-max(1, int(sequence_length)) // ATTENTION_BLOCK)
+    return 64 + PIECE_SHAPES + 8 * -(-max(1, int(sequence_length)) // ATTENTION_BLOCK)
 
 
 def limit_primitive_cache(capacity: int) -> dict:
@@ -138,16 +148,60 @@ def frozen_linear_forward(self, x):
 
 def linear(x, packs, bias=None):
     """x Wᵀ + bias through W's forward pack (no autograd)."""
-    import torch
-
-    return torch.ops.mkldnn._linear_pointwise(x, packs[0], bias, "none", [], "")
+    return _bucketed(x, packs[0], bias)
 
 
 def linear_input_grad(grad, packs):
     """grad W (the input gradient of x Wᵀ) through W's transposed pack (no autograd)."""
+    return _bucketed(grad, packs[1], None)
+
+
+def row_pieces(rows: int, piece: int = PIECE_ROWS, granule: int = ROW_GRANULE) -> list[int]:
+    """Row counts `rows` is computed in: whole pieces, then the rest rounded up to `granule` and split
+    into powers of two, so a run meets at most log2(piece / granule) + 1 shapes per weight, each of
+    them in most steps. E.g. 1,100 -> [512, 512, 64, 32] (20 rows of padding)."""
+    whole, rest = divmod(rows, piece)
+    rest = -(-rest // granule) * granule
+    if rest == piece:
+        return [piece] * (whole + 1)
+    return [piece] * whole + [size for size in _powers_of_two(piece // 2, granule) if rest & size]
+
+
+def _powers_of_two(top: int, bottom: int) -> list[int]:
+    return [top >> i for i in range(top.bit_length()) if top >> i >= bottom]
+
+
+def _bucketed(x, pack, bias):
+    """x @ pack (+ bias) in row_pieces, so that every batch reuses the same few matmul shapes.
+
+    Why: oneDNN makes a primitive per row count (and torch caches it by shape), and a batch's token
+    count is new nearly every step: each frozen matmul shape then pays the primitive's creation, on
+    this CPU (AMX) 5-20 ms against 0.5-2.8 ms for a 600-row matmul itself. In pieces of a few fixed
+    sizes the primitives are made in the first steps and then found in the cache; the price is up to
+    ROW_GRANULE - 1 rows of zeros and a copy of the outputs of a multi-piece call (bench/README.md)."""
     import torch
 
-    return torch.ops.mkldnn._linear_pointwise(grad.contiguous(), packs[1], None, "none", [], "")
+    shape, k = x.shape, x.shape[-1]
+    x = x.reshape(-1, k)
+    rows = x.shape[0]
+    pieces = row_pieces(rows)
+    padded = sum(pieces)
+    if padded != rows:  # rows of zeros: their outputs are dropped below
+        x = torch.cat([x, x.new_zeros(padded - rows, k)])
+    elif not x.is_contiguous():
+        x = x.contiguous()
+    outs, start = [], 0
+    for n in pieces:
+        outs.append(_matmul(x[start:start + n], pack, bias))
+        start += n
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    return out[:rows].view(*shape[:-1], out.shape[-1])
+
+
+def _matmul(x, pack, bias):
+    import torch
+
+    return torch.ops.mkldnn._linear_pointwise(x, pack, bias, "none", [], "")
 
 
 @functools.cache
