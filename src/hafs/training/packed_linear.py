@@ -32,8 +32,8 @@ PIECE_ROWS = 512
 """Most rows per frozen matmul call (a power of two): longer inputs run in pieces (row_pieces)."""
 ROW_GRANULE = 32
 """The rows past the whole pieces are rounded up to a multiple of this (a power of two)."""
-PIECE_SHAPES = 8 * 5
-"""Cache entries the row pieces keep warm: ~8 frozen weight shapes (forward and transposed) x 5 sizes."""
+PIECE_SHAPES = 8 * (PIECE_ROWS // ROW_GRANULE).bit_length()
+"""Cache entries the row pieces keep warm: ~8 frozen weight shapes (forward and transposed) x the row_pieces sizes."""
 CACHE_ENTRY_BYTES = 1 << 20
 """Resident memory per cached matmul shape (ideep + oneDNN entries: JIT code, scratchpad), measured on this
 CPU by bench/memory_accuracy.py: 0.6-1.2 MiB whatever the model's size."""
@@ -157,18 +157,12 @@ def linear_input_grad(grad, packs):
 
 
 def row_pieces(rows: int, piece: int = PIECE_ROWS, granule: int = ROW_GRANULE) -> list[int]:
-    """Row counts `rows` is computed in: whole pieces, then the rest rounded up to `granule` and split
+    """Row counts `rows` is computed in: rounded up to `granule`, then whole pieces and the rest split
     into powers of two, so a run meets at most log2(piece / granule) + 1 shapes per weight, each of
     them in most steps. E.g. 1,100 -> [512, 512, 64, 32] (20 rows of padding)."""
-    whole, rest = divmod(rows, piece)
-    rest = -(-rest // granule) * granule
-    if rest == piece:
-        return [piece] * (whole + 1)
-    return [piece] * whole + [size for size in _powers_of_two(piece // 2, granule) if rest & size]
-
-
-def _powers_of_two(top: int, bottom: int) -> list[int]:
-    return [top >> i for i in range(top.bit_length()) if top >> i >= bottom]
+    whole, rest = divmod(-(-rows // granule) * granule, piece)
+    # rest is a multiple of granule below piece (both powers of two): its set bits are the sizes
+    return [piece] * whole + [1 << bit for bit in reversed(range(rest.bit_length())) if rest >> bit & 1]
 
 
 def _bucketed(x, pack, bias):
@@ -176,7 +170,7 @@ def _bucketed(x, pack, bias):
 
     Why: oneDNN makes a primitive per row count (and torch caches it by shape), and a batch's token
     count is new nearly every step: each frozen matmul shape then pays the primitive's creation, on
-    this CPU (AMX) 5-20 ms against 0.5-2.8 ms for a 600-row matmul itself. In pieces of a few fixed
+    this CPU (AMX) 5-22 ms against 0.5-2.8 ms for a 600-row matmul itself. In pieces of a few fixed
     sizes the primitives are made in the first steps and then found in the cache; the price is up to
     ROW_GRANULE - 1 rows of zeros and a copy of the outputs of a multi-piece call (bench/README.md)."""
     import torch
