@@ -167,13 +167,14 @@ def _steps(plan, report, lengths) -> int:
                              packing=plan.packing, seed=plan.seed, epoch=0))
     micro = math.ceil(micro / plan.world_size())
     total = plan.total_steps(micro)
+    per_epoch = plan.steps_per_epoch(micro)
     report.numbers["micro-batches per epoch"] = micro
     report.numbers["optimizer steps"] = total
     report.numbers["warmup steps"] = plan.resolved_warmup(total)
-    report.numbers["tokens per step (avg)"] = int(lengths.sum() / max(1, micro / plan.gradient_accumulation))
+    report.numbers["tokens per step (avg)"] = int(lengths.sum() / per_epoch)
     if plan.save_steps:
         report.numbers["checkpoints"] = f"every {plan.save_steps} steps, keep {plan.save_total_limit}"
-    return int(lengths.sum() * total / max(1, math.ceil(micro / plan.gradient_accumulation)))
+    return int(lengths.sum() * total / per_epoch)
 
 
 def _time(plan, report, tokens: int, caps, settings, checkpointing: bool | None) -> None:

@@ -292,6 +292,11 @@ def estimate_memory(model_config, *, sequence_length: int, batch_size: int, lora
     # gradient (fp32 from the final norm), the final norm's input and the rotary tables.
     saved = kept + mask + tokens * h * 4 + tokens * shape.head_dim * 2 * act  # + final norm input, rotary
     activations = saved + per_layer + tokens * h * 2 * act
+    if packed_weights:
+        from .packed_linear import PIECE_ROWS
+
+        if tokens > PIECE_ROWS:  # a packed matmul over more rows runs in pieces, then joins them: for a moment
+            activations += tokens * max(max(d) for d in dims.values()) * act  # its widest output exists twice
 
     labelled = max(1, int(tokens * labelled_fraction))
     chunk = min(loss_chunk_tokens or default_loss_chunk(shape.vocab), labelled)

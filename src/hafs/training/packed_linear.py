@@ -172,24 +172,25 @@ def _bucketed(x, pack, bias):
     count is new nearly every step: each frozen matmul shape then pays the primitive's creation, on
     this CPU (AMX) 5-22 ms against 0.5-2.8 ms for a 600-row matmul itself. In pieces of a few fixed
     sizes the primitives are made in the first steps and then found in the cache; the price is up to
-    ROW_GRANULE - 1 rows of zeros and a copy of the outputs of a multi-piece call (bench/README.md)."""
+    ROW_GRANULE - 1 rows of zeros in the last piece and a copy of the outputs of a multi-piece call
+    (bench/README.md). Only the last piece is copied to pad it: the others are views of x."""
     import torch
 
     shape, k = x.shape, x.shape[-1]
     x = x.reshape(-1, k)
-    rows = x.shape[0]
-    pieces = row_pieces(rows)
-    padded = sum(pieces)
-    if padded != rows:  # rows of zeros: their outputs are dropped below
-        x = torch.cat([x, x.new_zeros(padded - rows, k)])
-    elif not x.is_contiguous():
+    if not x.is_contiguous():
         x = x.contiguous()
+    rows = x.shape[0]
     outs, start = [], 0
-    for n in pieces:
-        outs.append(_matmul(x[start:start + n], pack, bias))
+    for n in row_pieces(rows):
+        piece = x[start:start + n]
+        real = len(piece)
+        if real < n:  # the last piece: padded with rows of zeros (fewer than ROW_GRANULE), their outputs dropped
+            piece = torch.cat([piece, piece.new_zeros(n - real, k)])
+        outs.append(_matmul(piece, pack, bias)[:real])
         start += n
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
-    return out[:rows].view(*shape[:-1], out.shape[-1])
+    return out.view(*shape[:-1], out.shape[-1])
 
 
 def _matmul(x, pack, bias):

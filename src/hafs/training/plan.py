@@ -118,12 +118,15 @@ class TrainingConfig:
         """Upper bound of tokens per optimizer step."""
         return self.effective_batch(world_size) * self.sequence_length
 
+    def steps_per_epoch(self, micro_batches_per_epoch: int) -> int:
+        """Optimizer steps in one epoch (the last one may accumulate fewer micro-batches)."""
+        return max(1, math.ceil(micro_batches_per_epoch / self.gradient_accumulation))
+
     def total_steps(self, micro_batches_per_epoch: int) -> int:
         """Optimizer steps the run will take, given micro-batches in one epoch."""
         if self.max_steps:
             return self.max_steps
-        per_epoch = math.ceil(micro_batches_per_epoch / self.gradient_accumulation)
-        return max(1, math.ceil(per_epoch * self.num_epochs))
+        return max(1, math.ceil(self.steps_per_epoch(micro_batches_per_epoch) * self.num_epochs))
 
     def resolved_warmup(self, total_steps: int) -> int:
         """Warm-up steps actually used (warmup_steps, else warmup_ratio of total, capped at total)."""
