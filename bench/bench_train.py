@@ -371,9 +371,9 @@ def train_hafs(plan, prepared, device, args):
             torch.cuda.synchronize()
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     probes.append(bf16_matmul_rate(device, torch.get_num_threads()))
-    if args.profile:
-        _write_profile(profiler, device, seconds, state.step)
     flops = useful_flops(model.get_base_model().config, prepared.train, plan)
+    if args.profile:  # the useful work of the steps taken (all of it for a whole epoch)
+        _write_profile(profiler, device, seconds, state.step, flops * state.tokens / prepared.train.lengths.sum())
     return adapter_state(model), seconds, {"steps": state.step, "settings": settings.describe(), "cpu_seconds": cpu,
                                            "notes": notes,
                                            "tokens_seen": state.tokens,
@@ -392,15 +392,26 @@ def _profiler(device: str, on: bool):
     return profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else []))
 
 
-def _write_profile(prof, device: str, seconds: float, steps: int) -> None:
-    """Where a step's time goes: ops by self CPU time, kernels by device time, and how busy the device was."""
+GEMM_OPS = ("mkldnn::_linear_pointwise", "aten::mm", "aten::bmm", "aten::baddbmm", "aten::addmm", "aten::addmm_",
+            "aten::addbmm")
+"""The profiler's names for the CPU ops that are matrix products (their self time is the GEMM kernels')."""
+
+
+def _write_profile(prof, device: str, seconds: float, steps: int, flops: float) -> None:
+    """Where a step's time goes: ops by self CPU time, kernels by device time, and how busy the device was.
+
+    On a CPU also the GEMM ceiling: the FLOP/s the run would reach if everything but its matrix products
+    took no time, the most that faster glue (norms, softmax, copies, Python) could give against the probe."""
     sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
     events = prof.key_averages()
     busy = sum(getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0) for e in events)
     launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    gemm = sum(e.self_cpu_time_total for e in events if e.key in GEMM_OPS) / 1e6
+    ceiling = (f"; GEMMs {gemm:.2f} s ({100 * gemm / seconds:.0f}%): with nothing else taking time "
+               f"{flops / gemm / 1e9:,.0f} GFLOP/s" if device == "cpu" and gemm else "")
     text = (f"{steps} steps in {seconds:.2f} s ({1e3 * seconds / max(steps, 1):.1f} ms/step); device busy "
             f"{busy / 1e6:.2f} s ({100 * busy / 1e6 / seconds:.0f}%); kernel launches {launches} "
-            f"({launches / max(steps, 1):.0f}/step)\n\n"
+            f"({launches / max(steps, 1):.0f}/step){ceiling}\n\n"
             + events.table(sort_by="self_cpu_time_total", row_limit=70) + "\n\n"
             + events.table(sort_by=sort, row_limit=30))  # "self_cuda_time_total" is accepted by torch 2.4-2.13
     out = Path(os.environ.get("OUT") or ".")
