@@ -435,6 +435,91 @@ def test_corrupt_cache_entry_is_rebuilt(tmp_path, tokenizer):
     assert prepare_data(plan, tokenizer, log=lambda *_: None).train.cache_hit
 
 
+def test_cache_hit_for_a_copied_dataset_names_the_copy_not_the_original(tmp_path):
+    """The cache is keyed by content, so a copy of a dataset hits the entry the original wrote; every
+    path in the stats and in the bad-row reports must still name the files actually read."""
+    tok = _train_tokenizer()
+    tok.chat_template = ("{% for m in messages %}{% if 'BOOM' in m['content'] %}{{ raise_exception('no booms') }}"
+                         "{% endif %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant: ")
+    boom = {"messages": [{"role": "user", "content": "BOOM"}, {"role": "assistant", "content": "ok"}]}
+    rows = [alpaca(0), b"{not json\n", alpaca(1), boom, alpaca(2)]  # line 2: read-time, line 4: render-time
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    plan_a, plan_b = make_plan(a, on_bad_rows="skip"), make_plan(b, on_bad_rows="skip")
+    write_rows(a / "data" / "train.jsonl", rows)
+    write_rows(a / "data" / "val.jsonl", [alpaca(3), b"[]\n"])
+    first = prepare_data(plan_a, tok, log=lambda *_: None)
+    assert not first.train.cache_hit and first.train.raw.bad_skipped == 2
+    for name in ("train.jsonl", "val.jsonl"):
+        (b / "data" / name).write_bytes((a / "data" / name).read_bytes())
+
+    logs: list[str] = []
+    via_prepare = prepare_data(plan_b, tok, log=logs.append)
+    via_tokenize = tokenize_split(read_split(plan_b, "train"), plan_b, tok)  # the --dry-run path
+    assert via_prepare.train.cache_hit and via_prepare.val.cache_hit and via_tokenize.cache_hit
+    train_b, val_b = str(b / "data" / "train.jsonl"), str(b / "data" / "val.jsonl")
+    for stats in (via_prepare.stats(), {"train": {"rows": via_tokenize.raw.to_dict()}}):
+        assert str(a) not in json.dumps(stats)
+        assert stats["train"]["rows"]["path"] == train_b
+        bad = stats["train"]["rows"]["bad_examples"]
+        assert [e.split(": ")[0] for e in bad] == [f"{train_b}:2", f"{train_b}:4"]
+        assert bad[1].endswith("the chat template failed: no booms")
+    assert via_prepare.val.raw.path == val_b and via_prepare.val.raw.bad_examples[0].startswith(f"{val_b}:2: ")
+    assert str(a) not in "\n".join(logs)
+    # and the entry keeps serving the original too
+    again = prepare_data(plan_a, tok, log=lambda *_: None)
+    assert again.train.cache_hit and again.train.raw.to_dict() == first.train.raw.to_dict()
+
+
+@pytest.mark.parametrize("where", ["a file", "inside a file"])
+def test_cache_dir_that_is_a_file_warns_once_and_runs_without_the_cache(tmp_path, monkeypatch, capsys, tokenizer,
+                                                                      where):
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    monkeypatch.setenv("HAFS_CACHE_DIR", str(afile if where == "a file" else afile / "sub"))
+    plan = make_plan(tmp_path)
+    write_rows(tmp_path / "data" / "train.jsonl", [alpaca(i) for i in range(4)])
+    first = prepare_data(plan, tokenizer, log=lambda *_: None)
+    second = prepare_data(plan, tokenizer, log=lambda *_: None)
+    assert len(first.train) == len(second.train) == 4 and not second.train.cache_hit
+    np.testing.assert_array_equal(first.train.input_ids, second.train.input_ids)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: HAFS_CACHE_DIR=")  # once, one line, no traceback
+    assert f"{afile} is a file, not a folder" in err[0] and "not cached" in err[0]
+    assert afile.read_text() == "not a folder"
+
+
+def test_unwritable_cache_dir_warns_and_runs_without_the_cache(tmp_path, monkeypatch, capsys, tokenizer):
+    from hafs.training import datacache
+
+    # root ignores permission bits, so stand in for a read-only folder at the permission check itself
+    real_access = datacache.os.access
+    monkeypatch.setattr(datacache.os, "access",
+                        lambda p, mode: False if str(p).startswith(str(tmp_path / "cache")) else real_access(p, mode))
+    plan = make_plan(tmp_path)
+    write_rows(tmp_path / "data" / "train.jsonl", [alpaca(i) for i in range(4)])
+    assert len(prepare_data(plan, tokenizer, log=lambda *_: None).train) == 4
+    assert not prepare_data(plan, tokenizer, log=lambda *_: None).train.cache_hit
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "HAFS_CACHE_DIR=" in err[0] and "is not readable and writable" in err[0]
+    assert not any((tmp_path / "cache" / "data").iterdir())
+
+
+def test_required_cache_folder_that_cannot_be_made_is_a_clear_error(tmp_path, monkeypatch):
+    from hafs.training import datacache
+    from hafs.training.errors import HafsError
+
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    monkeypatch.setenv("HAFS_CACHE_DIR", str(afile))
+    with pytest.raises(HafsError) as err:
+        datacache.require_dir("demo")
+    text = err.value.render()
+    assert "HAFS_CACHE_DIR" in text and f"{afile} is a file, not a folder" in text and "hint:" in text
+    monkeypatch.setenv("HAFS_CACHE_DIR", str(tmp_path / "ok"))
+    assert datacache.require_dir("demo").is_dir()
+
+
 # ----------------------------------------------------------------------------- scale
 
 def _synthetic_rows(n: int, seed: int = 0):

@@ -298,3 +298,16 @@ def test_demo_files_match_the_generator():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.main(["--check"]) == 0
+
+
+def test_a_cache_folder_that_is_a_file_stops_the_dry_run_with_the_reason(tmp_path, monkeypatch):
+    """The demo model must be stored to be loaded: the dry run says why it cannot be, before training."""
+    from hafs.training.dryrun import dry_run
+    from hafs.training.loader import load_config
+
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    monkeypatch.setenv("HAFS_CACHE_DIR", str(blocker))
+    report = dry_run(load_config(Path(__file__).resolve().parents[1] / "config" / "training.toml"), "demo")
+    assert not report.ok
+    assert any(p.key == "HAFS_CACHE_DIR" and "is a file, not a folder" in p.message for p in report.problems)

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -192,3 +193,46 @@ def test_a_worker_leaves_at_once_with_its_status_flushed_output_and_atexit_handl
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60,
                           check=False)
     assert (done.returncode, done.stdout, done.stderr) == (7, "saved closed", "note")
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    """PIDs whose command line contains `text` (Linux /proc)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc to list the workers")
+def test_sigterm_to_the_launcher_stops_the_workers_with_a_checkpoint_and_no_orphans(tmp_path, tiny_model):
+    """The launcher is what a user or scheduler signals: its workers must save, and nothing keeps running."""
+    import signal
+    import time
+
+    config = make_config(tmp_path, tiny_model, accumulation=1, steps="max_steps = 200")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
+               PYTHONUNBUFFERED="1", HAFS_TEST_SLOW_STEP_MS="300")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(key, None)
+    launcher = subprocess.Popen([sys.executable, str(REPO / "scripts" / "train.py"), PRESET, "--config", str(config),
+                                 "--no-eval", "--set", "hardware.num_gpus=2"], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
+    deadline = time.time() + 240
+    while not list((tmp_path / "checkpoints").glob("*/checkpoint-2/manifest.json")):
+        assert launcher.poll() is None and time.time() < deadline, launcher.communicate()[0][-3000:]
+        time.sleep(0.1)
+    launcher.send_signal(signal.SIGTERM)
+    out = launcher.communicate(timeout=120)[0]
+    assert launcher.returncode == 143, out[-3000:]
+    assert out.count("Resume with:") == 1 and "no checkpoint saved" not in out, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    assert _processes_mentioning(str(config)) == []  # no worker or torchrun agent left training
+    steps = [int(p.name.split("-")[1]) for p in (tmp_path / "checkpoints").glob("*/checkpoint-*")]
+    assert max(steps) > 2  # saved when stopped, after the step it was in
+    models = tmp_path / "models"
+    assert not models.exists() or not any(models.iterdir())

@@ -172,9 +172,10 @@ def _run(target: str, args) -> int:
     """Run one command (see _run_command); a torchrun worker of `train` then exits at once."""
     code = _run_command(target, args)
     if target.endswith(":cmd_train"):
-        from .distributed import exit_if_worker
+        from .distributed import exit_if_worker, is_main_process
+        from .relaunch import report_stop
 
-        code = exit_if_worker(code)
+        code = exit_if_worker(report_stop(code, is_main_process()))
     return code
 
 
@@ -184,7 +185,11 @@ def _run_command(target: str, args) -> int:
     try:
         return getattr(importlib.import_module(module), func)(args) or 0
     except HafsError as exc:
-        print(f"Error: {exc.render()}", file=sys.stderr)
+        from .distributed import is_main_process
+        from .faults import Interrupted
+
+        if is_main_process() or not isinstance(exc, Interrupted):  # rank 0 alone saves a checkpoint and says where
+            print(f"Error: {exc.render()}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("\nInterrupted.", file=sys.stderr)
@@ -256,7 +261,9 @@ def cmd_train(args) -> int:
         overrides.append("report_to=" + json.dumps([s.strip() for s in args.report_to.split(",") if s.strip()]))
     plan = trainer.build_training_config(args.preset, overrides)
     if distributed.needs_launch(plan):  # several workers asked for: run this command under torchrun
-        return distributed.relaunch(plan)
+        from .relaunch import relaunch
+
+        return relaunch(plan)
     out = trainer.train_with_config(plan, overrides=overrides, resume=args.resume, force=args.force,
                                     evaluate=args.evaluate, register=args.register)
     if distributed.is_main_process():

@@ -5,6 +5,9 @@ cache directory from elsewhere can at worst fail to load, never run code. An ent
 a temporary directory and renamed into place, so a crash (or two workers writing the same entry at
 once) never leaves a half-written entry that a later run would trust. What goes into the key is
 the caller's business (see `tokenize.cache_key`).
+
+The cache is only a speed-up: when its folder cannot be used (HAFS_CACHE_DIR names a file, a
+read-only or unreadable folder) one warning is printed and everything runs without it.
 """
 
 from __future__ import annotations
@@ -12,30 +15,104 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from .errors import HafsError, Problem
+
 STALE_TEMP_S = 3600
 """Temporary directories older than this were left by a crashed writer and are removed."""
 
 
+ENV = "HAFS_CACHE_DIR"
+_warned: set[str] = set()
+
+
+class CacheDirError(HafsError):
+    """The cache folder (HAFS_CACHE_DIR or ~/.cache/hafs) cannot hold what must be stored there."""
+
+    kind = "environment"
+
+
+def cache_root() -> Path:
+    """`$HAFS_CACHE_DIR`, else `~/.cache/hafs`: the folder every hafs cache lives under."""
+    return Path(os.environ.get(ENV) or "~/.cache/hafs").expanduser()
+
+
 def cache_dir() -> Path:
     """`$HAFS_CACHE_DIR/data`, else `~/.cache/hafs/data`."""
-    return Path(os.environ.get("HAFS_CACHE_DIR") or "~/.cache/hafs").expanduser() / "data"
+    return cache_root() / "data"
+
+
+def unusable_reason(folder: Path) -> str | None:
+    """Why `folder` cannot be created and written to, or None when it can (it is created)."""
+    # Name the actual culprit: mkdir's "Not a directory" does not say which component is a file.
+    for part in (folder, *folder.parents):
+        try:
+            if part.exists() and not part.is_dir():
+                return f"{part} is a file, not a folder"
+        except OSError:  # an unreadable parent: mkdir below says what is wrong
+            break
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"cannot create {folder}: {exc.strerror or exc}"
+    if not os.access(folder, os.R_OK | os.W_OK | os.X_OK):
+        return f"{folder} is not readable and writable by this user"
+    return None
+
+
+def _fix_hint() -> str:
+    if os.environ.get(ENV):
+        return f"point {ENV} at a folder you can write to, or unset it to use ~/.cache/hafs"
+    return f"make ~/.cache/hafs writable, or set {ENV} to a folder you can write to"
+
+
+def require_dir(sub: str) -> Path:
+    """`<cache root>/<sub>`, created; CacheDirError when it cannot be (for things that must be stored)."""
+    try:
+        folder = cache_root() / sub
+    except RuntimeError as exc:  # expanduser() with no home directory
+        raise CacheDirError([Problem(str(exc), key=ENV, hint=f"set {ENV} to a folder you can write to")]) from None
+    reason = unusable_reason(folder)
+    if reason:
+        raise CacheDirError([Problem(reason, key=ENV, file=str(cache_root()), hint=_fix_hint())],
+                            title="the hafs cache folder cannot be used")
+    return folder
+
+
+def _usable_data_dir() -> Path | None:
+    """The data cache folder, or None (after one warning per folder) when it cannot be used."""
+    try:
+        root = cache_dir()
+    except RuntimeError as exc:  # expanduser() with no home directory
+        reason, where = str(exc), "~/.cache/hafs"
+    else:
+        reason, where = unusable_reason(root), str(root)
+        if reason is None:
+            return root
+    if where not in _warned:
+        _warned.add(where)
+        setting = f"{ENV}={os.environ[ENV]}" if os.environ.get(ENV) else "the default cache folder"
+        print(f"warning: {setting}: {reason}; tokenized data is not cached this run ({_fix_hint()})",
+              file=sys.stderr, flush=True)
+    return None
 
 
 def save_entry(name: str, arrays: dict[str, np.ndarray], meta: dict) -> Path | None:
     """Store an entry atomically; None when the cache is not writable (caching is only a speed-up)."""
-    root = cache_dir()
+    root = _usable_data_dir()
+    if root is None:
+        return None
     final = root / name
     if final.exists():
         return final
     tmp = None
     try:
-        root.mkdir(parents=True, exist_ok=True)
         _remove_stale_temps(root)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
         for key, array in arrays.items():
@@ -51,10 +128,13 @@ def save_entry(name: str, arrays: dict[str, np.ndarray], meta: dict) -> Path | N
 
 def load_entry(name: str, array_names: tuple[str, ...]) -> tuple[dict[str, np.ndarray], dict] | None:
     """(arrays, meta) of an entry, or None when absent; an unreadable entry is deleted and None returned."""
-    folder = cache_dir() / name
-    if not folder.is_dir():
+    root = _usable_data_dir()
+    if root is None:
         return None
+    folder = root / name
     try:
+        if not folder.is_dir():
+            return None
         meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
         arrays = {key: np.load(folder / f"{key}.npy", allow_pickle=False) for key in array_names}
         return arrays, meta
@@ -65,7 +145,9 @@ def load_entry(name: str, array_names: tuple[str, ...]) -> tuple[dict[str, np.nd
 
 def drop_entry(name: str) -> None:
     """Delete an entry (e.g. one that loaded but failed its consistency checks)."""
-    shutil.rmtree(cache_dir() / name, ignore_errors=True)
+    root = _usable_data_dir()
+    if root is not None:
+        shutil.rmtree(root / name, ignore_errors=True)
 
 
 def _remove_stale_temps(root: Path) -> None:

@@ -225,9 +225,13 @@ def build_tiny_model(out_dir: Path, *, hidden_size: int = 64, num_layers: int = 
 
 
 def demo_cache_dir(cache_dir: Path | None = None) -> Path:
-    """Where built demo models live: `cache_dir`, else $HAFS_CACHE_DIR, else ~/.cache/hafs."""
-    root = cache_dir or os.environ.get("HAFS_CACHE_DIR") or Path.home() / ".cache" / "hafs"
-    return Path(root).expanduser() / "demo"
+    """Where built demo models live: `cache_dir`, else $HAFS_CACHE_DIR, else ~/.cache/hafs (created; a clear
+    error when it cannot be: unlike tokenized data, the demo model must be stored to be loaded)."""
+    if cache_dir:
+        return Path(cache_dir).expanduser() / "demo"
+    from .datacache import require_dir
+
+    return require_dir("demo")
 
 
 def _stamp(name: str, shape: TinyShape) -> dict:

@@ -370,19 +370,6 @@ def describe_launch(plan, argv: list[str] | None = None) -> str:
             f"  launch {where or '(train.py does this itself)'}:\n    {torchrun}\n  or:\n    {accel_cmd}")
 
 
-def relaunch(plan, argv: list[str] | None = None, log=print) -> int:
-    """Run this command under torchrun with the plan's worker count; returns torchrun's exit status."""
-    import subprocess
-
-    if plan.hardware.num_nodes > 1:
-        raise ConfigError([Problem(f"a {plan.hardware.num_nodes}-node profile cannot be started from one machine",
-                                   key=f"hardware.{plan.hardware_name}.num_nodes",
-                                   hint="run the torchrun command that --dry-run prints on every node")])
-    cmd = relaunch_command(plan, argv)
-    log(f"Launching {plan.world_size()} workers: {' '.join(map(shlex.quote, cmd))}")
-    return subprocess.run(cmd, check=False).returncode
-
-
 if __name__ == "__main__":  # `torchrun --module hafs.training.distributed train PRESET ...` (the hafs command)
     from .cli import main
 

@@ -200,7 +200,12 @@ def _memory(plan, report, force: bool, caps, settings):
     try:
         config = load_model_config(plan.expert.base_model, plan.expert.trust_remote_code)
     except HafsError as exc:
-        report.notes.append("memory estimate unavailable: " + exc.problems[0].message)
+        from .datacache import CacheDirError
+
+        if isinstance(exc, CacheDirError):  # the demo model cannot be built where it must be stored: no run
+            report.problems += exc.problems
+        else:
+            report.notes.append("memory estimate unavailable: " + exc.problems[0].message)
         return None
     verdict = check_memory(plan, config, settings=settings, caps=caps, force=force)
     report.memory, report.memory_text = verdict.estimate.to_dict(), verdict.render()

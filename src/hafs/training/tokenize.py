@@ -44,8 +44,8 @@ MIN_RESPONSE_TOKENS = 16
 """Truncation keeps at least this many response tokens (capped at half of sequence_length), else drops."""
 ENCODE_CHUNK = 4096
 """Texts per batched tokenizer call."""
-CACHE_VERSION = 1
-"""Bump when the layout or the meaning of cached arrays changes."""
+CACHE_VERSION = 2
+"""Bump when the layout or the meaning of cached arrays changes (2: no file paths in the entry)."""
 
 
 @dataclass
@@ -150,7 +150,7 @@ def tokenize_split(raw: RawSplit, plan, tokenizer, *, cache: bool = True, _finge
     fingerprint = _fingerprint or tokenizer_fingerprint(tokenizer)
     key = cache_key(plan, raw.stats.split, raw.stats.sha256, fingerprint)
     if cache:
-        hit = load_cached(key, raw.stats.split)
+        hit = load_cached(key, raw.stats.split, raw.stats.path)
         if hit is not None:
             return hit
     out = _tokenize(raw, plan, tokenizer)
@@ -304,7 +304,7 @@ def prepare_data(plan, tokenizer, log=print, *, cache: bool = True) -> PreparedD
         hit = None
         if cache and path is not None and path.is_file():
             key = cache_key(plan, split, file_sha256(path), fingerprint)
-            hit = load_cached(key, split)
+            hit = load_cached(key, split, str(path))
         if hit is None:
             raw = read_split(plan, split)
             if raw is None:
@@ -352,24 +352,41 @@ _ARRAYS = ("input_ids", "label_mask", "offsets", "lines")
 
 
 def save_cached(key: str, split: TokenizedSplit) -> None:
-    meta = {"version": CACHE_VERSION, "raw": split.raw.to_dict(), "stats": split.stats.to_dict()}
+    meta = {"version": CACHE_VERSION, "raw": _without_path(split.raw), "stats": split.stats.to_dict()}
     datacache.save_entry(key, {name: getattr(split, name) for name in _ARRAYS}, meta)
 
 
-def load_cached(key: str, split: str) -> TokenizedSplit | None:
-    """The cached split for `key`, or None (absent, unreadable or inconsistent: then it is rebuilt)."""
+def _without_path(raw: SplitStats) -> dict:
+    """`raw` for the cache: the key is the file's content, so the same entry serves every copy of the
+    file, and a path stored here would name wherever it happened to be tokenized first."""
+    out = raw.to_dict()
+    prefix = raw.path + ":"
+    out["path"] = ""
+    out["bad_examples"] = [{"after_path": e[len(prefix):]} if e.startswith(prefix) else e for e in raw.bad_examples]
+    return out
+
+
+def _with_path(data: dict, path: str) -> SplitStats:
+    """The inverse of `_without_path`, naming the file being loaded now."""
+    data = dict(data, path=path)
+    data["bad_examples"] = [f"{path}:{e['after_path']}" if isinstance(e, dict) else e for e in data["bad_examples"]]
+    return SplitStats.from_dict(data)
+
+
+def load_cached(key: str, split: str, path: str) -> TokenizedSplit | None:
+    """The cached split for `key` as read from `path`, or None (absent, unreadable or inconsistent: rebuilt)."""
     entry = datacache.load_entry(key, _ARRAYS)
     if entry is None:
         return None
     arrays, meta = entry
     try:
-        out = TokenizedSplit(split=split, raw=SplitStats.from_dict(meta["raw"]), stats=TokenStats(**meta["stats"]),
+        out = TokenizedSplit(split=split, raw=_with_path(meta["raw"], path), stats=TokenStats(**meta["stats"]),
                              cache_hit=True, **arrays)
         n = len(out.offsets) - 1
         ok = (meta["version"] == CACHE_VERSION and out.input_ids.dtype == np.int32
               and out.input_ids.shape == out.label_mask.shape and out.offsets[0] == 0
               and out.offsets[-1] == len(out.input_ids) and len(out.lines) == n == out.stats.examples)
-    except (KeyError, TypeError, IndexError):
+    except (KeyError, TypeError, IndexError, ValueError):  # hand-edited or foreign meta.json
         ok = False
     if not ok:
         datacache.drop_entry(key)
