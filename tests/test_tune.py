@@ -47,12 +47,14 @@ def tune_args(config: Path, trials: int, **kw) -> Namespace:
 
 
 def test_search_resumes_and_writes_a_ready_preset(tmp_path, tiny_model, capsys):
-    from hafs.training.tune import cmd_tune, study_path
+    from hafs.training.tune import best_path, cmd_tune
 
     config = write_config(tmp_path, tiny_model)
     assert cmd_tune(tune_args(config, 2)) == 0
     db = tmp_path / "logs" / "tuning" / f"{PRESET}-{PRESET}.db"
-    study = optuna.load_study(study_name=f"{PRESET}:{PRESET}", storage=f"sqlite:///{db}")
+    (name,) = optuna.get_all_study_names(storage=f"sqlite:///{db}")
+    assert re.fullmatch(rf"{PRESET}:{PRESET}:[0-9a-f]{{8}}", name)
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
     first = [(t.number, t.params) for t in study.trials]
     assert len(first) == 2 and all(t.state.name == "COMPLETE" for t in study.trials)
     # every evaluation (steps 2 and 4) was reported for pruning
@@ -63,7 +65,7 @@ def test_search_resumes_and_writes_a_ready_preset(tmp_path, tiny_model, capsys):
     capsys.readouterr()
     assert cmd_tune(tune_args(config, 3)) == 0  # the same study, one more trial
     out = capsys.readouterr().out
-    study = optuna.load_study(study_name=f"{PRESET}:{PRESET}", storage=f"sqlite:///{db}")
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
     assert len(study.trials) == 3 and [(t.number, t.params) for t in study.trials[:2]] == first
     assert study.trials[2].params != study.trials[0].params  # not a replay of the first search's samples
     assert "2 finished trial(s), running 1 more" in out
@@ -73,7 +75,7 @@ def test_search_resumes_and_writes_a_ready_preset(tmp_path, tiny_model, capsys):
         str(study.best_trial.number)
 
     # the preset block parses and resolves to the best trial's settings
-    block = (study_path(_plan(config), PRESET)).with_suffix(".best.toml").read_text()
+    block = best_path(_plan(config), PRESET, name.rsplit(":", 1)[1]).read_text()
     assert block in out
     parsed = tomllib.loads(block)
     assert parsed["presets"][f"{PRESET}-tuned"]["hyperparameters"] == f"{PRESET}-tuned"
@@ -115,9 +117,7 @@ def test_pruner_stops_a_trial_worse_than_the_median(tmp_path, tiny_model):
 learning_rate = {type = "categorical", choices = [5e-3, 1e-9]}
 """)
     cfg = load_config(config)
-    db = tmp_path / "logs" / "tuning" / f"{PRESET}-lr.db"
-    db.parent.mkdir(parents=True)
-    study = optuna.create_study(study_name=f"{PRESET}:lr", direction="minimize", storage=f"sqlite:///{db}")
+    study = tune(cfg, PRESET, trials=0, space="lr", log=lambda *a: None)  # creates the study, runs nothing
     for lr in (5e-3, 5e-3, 1e-9):
         study.enqueue_trial({"learning_rate": lr})
     study = tune(cfg, PRESET, trials=3, space="lr", log=lambda *a: None)
@@ -153,3 +153,104 @@ def test_missing_space_names_the_defined_ones(tmp_path, tiny_model):
     with pytest.raises(ConfigError) as err:
         tune(load_config(config), PRESET, trials=1, space="nope", log=lambda *a: None)
     assert "tuning.nope" in err.value.render() and PRESET in err.value.render()
+
+
+def test_other_overrides_start_a_separate_study_whose_best_block_keeps_its_own_settings(tmp_path, tiny_model,
+                                                                                         capsys):
+    from hafs.training.tune import cmd_tune
+
+    config = write_config(tmp_path, tiny_model, tuning="""
+[tuning.lr]
+learning_rate = {type = "uniform", low = 1e-3, high = 2e-3}
+""")
+    storage = f"sqlite:///{tmp_path / 'logs' / 'tuning' / f'{PRESET}-lr.db'}"
+    assert cmd_tune(tune_args(config, 1, space="lr")) == 0
+    (long_name,) = optuna.get_all_study_names(storage=storage)
+    best_files = list((tmp_path / "logs" / "tuning").glob("*.best.toml"))
+    long_block = best_files[0].read_text()
+    capsys.readouterr()
+
+    # Trials of 2 steps are not ranked against the 4-step ones: a study of their own, named in the output.
+    assert cmd_tune(tune_args(config, 1, space="lr", overrides=["max_steps=2"])) == 0
+    out = capsys.readouterr().out
+    names = optuna.get_all_study_names(storage=storage)
+    (short_name,) = set(names) - {long_name}
+    assert f"Study {short_name} " in out and "0 finished trial(s), running 1 more" in out and long_name in out
+    long, short = (optuna.load_study(study_name=n, storage=storage) for n in (long_name, short_name))
+    assert len(long.trials) == 1 and len(short.trials) == 1
+    assert short.trials[0].user_attrs["overrides"] == {"max_steps": 2}
+    assert long.trials[0].user_attrs["overrides"] == {}
+    assert all(sorted(t.intermediate_values) == [2] for t in short.trials)
+
+    # Each study keeps its own best block, holding the settings its best trial ran with.
+    assert best_files[0].read_text() == long_block
+    assert tomllib.loads(long_block)["hyperparameters"][f"{PRESET}-tuned"]["max_steps"] == 4
+    (short_file,) = set((tmp_path / "logs" / "tuning").glob("*.best.toml")) - set(best_files)
+    assert tomllib.loads(short_file.read_text())["hyperparameters"][f"{PRESET}-tuned"]["max_steps"] == 2
+
+    capsys.readouterr()
+    assert cmd_tune(tune_args(config, 2, space="lr")) == 0  # the same settings again: the first study resumes
+    assert f"Study {long_name} " in capsys.readouterr().out
+    assert len(optuna.load_study(study_name=long_name, storage=storage).trials) == 2
+
+
+@pytest.mark.parametrize("space, overrides, key, words", [
+    ("", ["max_steps=1"], "hyperparameters.short.eval_steps", "eval_steps 2 is above max_steps 1 from --set max_steps"),
+    ('max_steps = {type = "int", low = 1, high = 4}', [], "hyperparameters.short.eval_steps",
+     "max_steps 1 (the smallest of the search space) from tuning.ev.max_steps"),
+    ('eval_steps = {type = "categorical", choices = [2, 8]}', [], "tuning.ev.eval_steps", "eval_steps 8 is above"),
+])
+def test_an_eval_interval_longer_than_a_trial_is_refused_before_trial_0(tmp_path, tiny_model, space, overrides,
+                                                                        key, words):
+    from hafs.training.tune import tune
+
+    config = write_config(tmp_path, tiny_model, tuning=f"""
+[tuning.ev]
+learning_rate = {{type = "uniform", low = 1e-3, high = 2e-3}}
+{space}
+""")
+    started = []
+    with pytest.raises(ConfigError) as err:
+        tune(load_config(config), PRESET, trials=2, space="ev", overrides=overrides, log=started.append)
+    problem = err.value.problems[0]
+    assert problem.key == key and words in problem.message, problem.render()
+    assert "eval_steps=" in problem.hint
+    text = config.read_text().splitlines()
+    assert problem.line == text.index(space if key.startswith("tuning.") else "eval_steps = 2") + 1
+    assert not started and not (tmp_path / "logs" / "tuning").exists()  # no study, no trial
+
+
+def test_the_cli_reports_the_refusal_without_a_traceback(tmp_path, tiny_model, capsys):
+    from hafs.training.cli import main
+
+    config = write_config(tmp_path, tiny_model)
+    assert main(["tune", PRESET, "--config", str(config), "--trials", "2", "--set", "max_steps=1"]) == 2
+    err = capsys.readouterr().err
+    assert "eval_steps 2 is above max_steps 1" in err and "Traceback" not in err and "val split" not in err
+
+
+@pytest.mark.parametrize("error", ["ConfigError", "TrainingError"])
+def test_a_trial_failing_with_a_hafs_error_is_reported_without_optunas_traceback(tmp_path, tiny_model, monkeypatch,
+                                                                                 caplog, error):
+    import hafs.training.errors as errors
+    import hafs.training.recipe as recipe
+    from hafs.training.tune import tune
+
+    exc = getattr(errors, error)
+    monkeypatch.setattr(recipe, "run", lambda *a, **k: (_ for _ in ()).throw(exc("boom: what to do")))
+    config = write_config(tmp_path, tiny_model)
+    lines = []
+    optuna.logging.enable_propagation()  # Optuna's own handler does not reach caplog
+    try:
+        if error == "ConfigError":  # a config mistake ends the search with its own message
+            with pytest.raises(ConfigError, match="boom"):
+                tune(load_config(config), PRESET, trials=2, log=lines.append)
+        else:  # a training failure (out of memory, NaN) is one failed trial; the search goes on
+            study = tune(load_config(config), PRESET, trials=2, log=lines.append)
+            assert [t.state.name for t in study.trials] == ["FAIL", "FAIL"]
+            assert study.trials[0].user_attrs["error"] == "boom: what to do"
+            assert "trial 1: failed: boom: what to do" in lines
+    finally:
+        optuna.logging.disable_propagation()
+    assert not [r for r in caplog.records if r.name.startswith("optuna") and "failed" in r.getMessage()], \
+        caplog.text

@@ -14,182 +14,122 @@ loss of the trial's last evaluation (the plan's eval_strategy, switched to "step
 "no"); every evaluation is reported to Optuna and the MedianPruner stops trials that are worse than
 the median of earlier ones at the same step. The study lives in SQLite under `logs_dir/tuning/`, so
 running the command again continues it: `--trials` is the total of finished (complete or pruned)
-trials wanted; a trial interrupted mid-run is left as failed and not counted. The results are
-printed as a table and the best trial is written as ready `[hyperparameters.*]`, `[lora.*]` and
-`[presets.PRESET-tuned]` tables (`best.toml` beside the study) to paste into the config.
+trials wanted; a trial interrupted mid-run is left as failed and not counted. A study is tied to the
+settings the space leaves fixed (the resolved plan after `--set`): its name ends in a short hash of
+them, so other `--set` values or an edited preset start a separate study instead of ranking trials
+that trained differently against each other. The results are printed as a table and the best trial
+is written as ready `[hyperparameters.*]`, `[lora.*]` and `[presets.PRESET-tuned]` tables
+(`PRESET-SPACE-HASH.best.toml` beside the study) to paste into the config, from the overrides that
+trial itself ran with.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
-import math
+import logging
+import re
 import shutil
 import tempfile
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 
-from .errors import ConfigError, Problem, TrainingError, did_you_mean
-
-TYPES = ("loguniform", "uniform", "int", "categorical")
-KEYS = {"loguniform": {"low", "high"}, "uniform": {"low", "high"}, "int": {"low", "high", "step"},
-        "categorical": {"choices"}}
-PRESET_FIELDS = ("sequence_length", "batch_size", "gradient_accumulation", "gradient_checkpointing", "precision",
-                 "packing")
-"""Plan fields a [presets.*] table carries (the rest of a tuned plan goes to [hyperparameters.*] / [lora.*])."""
-
-
-@dataclass
-class Param:
-    """One dimension of the search space."""
-
-    key: str
-    """--set key of the plan, e.g. learning_rate or lora.r."""
-    type: str
-    """loguniform, uniform, int or categorical."""
-    low: float | int | None = None
-    """Lower bound (numeric types)."""
-    high: float | int | None = None
-    """Upper bound, inclusive (numeric types)."""
-    step: int = 1
-    """Step of an int parameter."""
-    choices: tuple = ()
-    """Values of a categorical parameter."""
-
-    def suggest(self, trial):
-        """Sample this parameter for an Optuna trial."""
-        if self.type == "categorical":
-            return trial.suggest_categorical(self.key, list(self.choices))
-        if self.type == "int":
-            return trial.suggest_int(self.key, int(self.low), int(self.high), step=self.step)
-        return trial.suggest_float(self.key, float(self.low), float(self.high), log=self.type == "loguniform")
-
-    def samples(self) -> list:
-        """Values that span the parameter (to check each against the plan before any trial runs)."""
-        return list(self.choices) if self.type == "categorical" else [self.low, self.high]
-
-
-# --------------------------------------------------------------------------- the space
-
-
-def space_name(cfg, preset: str, requested: str | None) -> str:
-    """--space, else the preset's own table, else 'default'; a missing table is a ConfigError."""
-    name = requested or (preset if preset in cfg.tuning else "default")
-    if name not in cfg.tuning:
-        have = ", ".join(sorted(cfg.tuning)) or "none"
-        raise ConfigError([Problem(f"no [tuning.{name}] search space{did_you_mean(name, cfg.tuning)}",
-                                   key=f"tuning.{name}", file=cfg.path,
-                                   hint=f"defined: {have}; declare e.g. [tuning.{name}] learning_rate = "
-                                        "{type = \"loguniform\", low = 1e-5, high = 1e-3}, or pass --space")])
-    return name
-
-
-def load_space(cfg, name: str, plan) -> list[Param]:
-    """The parameters of `[tuning.NAME]`, each checked against `plan`; all problems in one ConfigError."""
-    table = cfg.tuning.get(name, {})
-    problems: list[Problem] = []
-
-    def report(key: str, message: str, hint: str = "") -> None:
-        path = ["tuning", name, key]
-        problems.append(Problem(message, key=".".join(["tuning", name, _quote(key)]), file=cfg.path,
-                                line=cfg.line_of(path), hint=hint))
-
-    if not table:
-        report_key = f"tuning.{name}"
-        raise ConfigError([Problem("the search space is empty", key=report_key, file=cfg.path,
-                                   line=cfg.line_of(["tuning", name]), hint="add at least one parameter")])
-    params = []
-    for key, spec in table.items():
-        param = _parse(key, spec, report)
-        if param is None:
-            continue
-        problem = _check_against_plan(param, plan)
-        if problem:
-            report(key, *problem)
-            continue
-        params.append(param)
-    if problems:
-        raise ConfigError(problems, title=f"Search space [tuning.{name}] is invalid:")
-    return params
-
-
-def _quote(key: str) -> str:
-    return f'"{key}"' if "." in key else key
-
-
-def _parse(key: str, spec, report) -> Param | None:
-    if not isinstance(spec, dict):
-        report(key, f"must be an inline table like {{type = \"loguniform\", low = 1e-5, high = 1e-3}}, got {spec!r}")
-        return None
-    kind = spec.get("type")
-    if kind not in TYPES:
-        report(key, f"type must be one of {', '.join(TYPES)}, got {kind!r}{did_you_mean(str(kind), TYPES)}")
-        return None
-    unknown = sorted(set(spec) - KEYS[kind] - {"type"})
-    if unknown:
-        report(key, f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} for type {kind!r}",
-               hint=f"{kind} takes: {', '.join(sorted(KEYS[kind]))}")
-        return None
-    if kind == "categorical":
-        choices = spec.get("choices")
-        if not isinstance(choices, list) or not choices:
-            report(key, "choices must be a non-empty list")
-            return None
-        if any(not isinstance(c, (str, int, float, bool)) for c in choices):
-            report(key, "choices must be numbers, strings or booleans (Optuna stores them as such)")
-            return None
-        return Param(key, kind, choices=tuple(choices))
-    low, high = spec.get("low"), spec.get("high")
-    number = int if kind == "int" else (int, float)
-    for field_name, value in (("low", low), ("high", high)):
-        if isinstance(value, bool) or not isinstance(value, number) or not math.isfinite(value):
-            report(key, f"{field_name} must be {'an integer' if kind == 'int' else 'a number'}, got {value!r}")
-            return None
-    if low > high:
-        report(key, f"low {low} is above high {high}")
-        return None
-    if kind == "loguniform" and low <= 0:
-        report(key, f"low must be > 0 for a log-uniform range, got {low}", hint="use type = \"uniform\" from 0")
-        return None
-    step = spec.get("step", 1)
-    if kind == "int" and (isinstance(step, bool) or not isinstance(step, int) or step < 1):
-        report(key, f"step must be a positive integer, got {step!r}")
-        return None
-    return Param(key, kind, low=low, high=high, step=step)
-
-
-def _check_against_plan(param: Param, plan) -> tuple[str, str] | None:
-    """(message, hint) when the key cannot be tuned or a value of its range does not fit the plan."""
-    from .overrides import NESTED_OVERRIDABLE, OVERRIDABLE, apply_overrides
-
-    head = param.key.split(".")[0]
-    if "." in param.key and head != "lora":
-        return (f"only plan settings and lora.* can be tuned, not {head}.*",
-                "e.g. learning_rate, warmup_steps, weight_decay, lora.r, lora.lora_alpha, lora.lora_dropout")
-    for value in param.samples():
-        trial_plan = copy.deepcopy(plan)
-        try:
-            apply_overrides(trial_plan, {param.key: value})
-            trial_plan.validate()
-        except ConfigError as exc:
-            first = exc.problems[0]
-            message = first.message.removeprefix("unknown setting")
-            if first.message.startswith("unknown"):
-                return (f"'{param.key}' is not a setting of the plan{message}",
-                        "keys are --set keys: " + ", ".join(OVERRIDABLE) + "; "
-                        + ", ".join(f"{s}.KEY" for s in NESTED_OVERRIDABLE if s == "lora"))
-            return f"value {value!r} does not fit: {first.message}", first.hint
-    return None
-
-
-# --------------------------------------------------------------------------- the search
+from .errors import ConfigError, HafsError, Problem, TrainingError
+from .tune_space import PRESET_FIELDS, Param, load_space, space_name
 
 
 def study_path(plan, space: str) -> Path:
-    """The SQLite file of the study for (preset, space)."""
+    """The SQLite file of the studies for (preset, space), one study per set of fixed settings."""
     from .outputs import safe_component
 
     return Path(plan.output.logs_dir) / "tuning" / f"{safe_component(plan.preset)}-{safe_component(space)}.db"
+
+
+def best_path(plan, space: str, digest: str) -> Path:
+    """The best-trial TOML of one study: per study, so another study's best never overwrites it."""
+    db = study_path(plan, space)
+    return db.with_name(f"{db.stem}-{digest}.best.toml")
+
+
+NOT_FIXED = ("report_to", "save_steps", "save_total_limit")
+"""Plan fields that do not change what a trial learns, so changing them keeps the study."""
+
+
+def fixed_settings(plan, params: list[Param]) -> dict:
+    """What every trial of the study trains with besides the sampled keys (JSON values)."""
+    from .plan import HYPERPARAMETER_FIELDS
+
+    tuned = {p.key for p in params}
+    settings = {"expert": plan.expert_name, "base_model": plan.expert.base_model, "dataset": plan.dataset_name,
+                "hardware": plan.hardware_name}
+    for key in (*HYPERPARAMETER_FIELDS, *PRESET_FIELDS, "device"):
+        if key not in NOT_FIXED and key not in tuned:
+            settings[key] = getattr(plan, key)
+    for f in fields(plan.lora):
+        if f"lora.{f.name}" not in tuned:
+            settings[f"lora.{f.name}"] = getattr(plan.lora, f.name)
+    return json.loads(json.dumps(settings, default=str))
+
+
+def settings_hash(settings: dict) -> str:
+    """Short, stable id of fixed settings: the last part of the study name."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def check_evaluates(cfg, plan, params: list[Param], base: dict, space: str) -> None:
+    """A ConfigError when a trial could end before its first evaluation and so have nothing to minimise.
+
+    Checked on the worst corner of the space (fewest steps, widest eval interval), before trial 0, because
+    otherwise the first trial trains to the end and only then finds out.
+    """
+    from .overrides import apply_overrides
+
+    tuned = {p.key: p for p in params}
+    corner = {}
+    if "max_steps" in tuned:
+        corner["max_steps"] = min(tuned["max_steps"].samples())
+    for key in ("eval_steps", "logging_steps"):
+        if key in tuned:
+            corner[key] = max(tuned[key].samples())
+    worst = copy.deepcopy(plan)
+    apply_overrides(worst, corner)
+    if worst.eval_strategy != "steps" or not worst.max_steps:
+        return  # epoch-based lengths depend on the data: the trial itself reports a missing val loss
+    what = "eval_steps" if worst.eval_steps else "logging_steps"
+    every = worst.eval_steps or worst.logging_steps
+    if every <= worst.max_steps:
+        return
+
+    def source(key: str) -> tuple[str, int | None]:
+        if key in tuned:
+            return f"tuning.{space}.{key}", cfg.line_of(["tuning", space, key])
+        if key in base:
+            return f"--set {key}", None
+        path = ["hyperparameters", plan.hyperparameters_name, key]
+        return ".".join(path), cfg.line_of(path)
+
+    key, line = source(what)
+    steps_from = source("max_steps")[0]
+    smallest = " (the smallest of the search space)" if "max_steps" in tuned else ""
+    default = " (eval_steps unset: it defaults to logging_steps)" if what == "logging_steps" else ""
+    raise ConfigError([Problem(
+        f"{what} {every}{default} is above max_steps {worst.max_steps}{smallest} from {steps_from}: a trial would "
+        "end before its first evaluation, with no val loss to minimise", key=key, file=cfg.path if line else "",
+        line=line, hint=f"use --set eval_steps={max(1, worst.max_steps // 2)} (any value <= {worst.max_steps}), "
+                        "or a larger max_steps")], title="Cannot tune:")
+
+
+class _ReportedFailures(logging.Filter):
+    """Drops Optuna's 'Trial N failed' warnings (with traceback) for trials that hafs reports itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.numbers: set[int] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        match = re.match(r"Trial (\d+) failed", record.getMessage())
+        return not (match and int(match.group(1)) in self.numbers)
 
 
 def tune(cfg, preset: str, *, trials: int, space: str | None = None, keep_models: bool = False,
@@ -200,16 +140,23 @@ def tune(cfg, preset: str, *, trials: int, space: str | None = None, keep_models
     from .plan import resolve
     from .recipe import RunOptions, run
 
-    base = dict(parse_override(o) for o in (overrides or []))
+    user = dict(parse_override(o) for o in (overrides or []))
+    base = dict(user)
     plan = resolve(cfg, preset, base)
     name = space_name(cfg, preset, space)
-    params = load_space(cfg, name, plan)
     if plan.eval_strategy == "no" and "eval_strategy" not in base:
         base["eval_strategy"] = "steps"  # the objective and the pruner need evaluations during training
+        plan = resolve(cfg, preset, base)
+    params = load_space(cfg, name, plan)
+    check_evaluates(cfg, plan, params, base, name)
+    fixed = fixed_settings(plan, params)
+    digest = settings_hash(fixed)
     path = study_path(plan, name)
     path.parent.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study_name, storage = f"{preset}:{name}", f"sqlite:///{path}"
+    study_name, storage = f"{preset}:{name}:{digest}", f"sqlite:///{path}"
+    others = [n for n in _study_names(storage)
+              if n != study_name and (n == f"{preset}:{name}" or n.startswith(f"{preset}:{name}:"))]
     so_far = len(optuna.load_study(study_name=study_name, storage=storage).trials) \
         if _exists(storage, study_name) else 0
     study = optuna.create_study(
@@ -217,20 +164,28 @@ def tune(cfg, preset: str, *, trials: int, space: str | None = None, keep_models
         # Seeded by the trials so far: a resumed search does not replay the first search's samples.
         sampler=optuna.samplers.TPESampler(seed=plan.seed + so_far),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0))
+    study.set_user_attr("fixed_settings", fixed)
+    study.set_user_attr("overrides", user)
     done = finished(study)
     todo = max(0, trials - done)
     log(f"Study {study_name} in {path}: {done} finished trial(s), running {todo} more "
         f"({len(params)} parameter(s): {', '.join(p.key for p in params)})")
+    if others and not so_far:
+        log(f"  (a new study: {digest} identifies its fixed settings"
+            + (f", --set {', '.join(f'{k}={v}' for k, v in user.items())}" if user else "")
+            + f"; other studies of {preset}:{name} in the file, trained with other settings: {', '.join(others)})")
+    reported = _ReportedFailures()
 
     def objective(trial) -> float:
         values = {p.key: p.suggest(trial) for p in params}
+        # The trial's own settings, so its best-preset block never takes another run's --set values.
+        trial.set_user_attr("overrides", user)
         trial_overrides = dict(base, **values)
         scratch = None
         if not keep_models:
             scratch = Path(tempfile.mkdtemp(prefix=f"hafs-tune-{trial.number}-"))
             trial_overrides.update({"output.models_dir": str(scratch / "models"),
                                     "output.checkpoints_dir": str(scratch / "checkpoints")})
-        trial_plan = resolve(cfg, preset, trial_overrides)
         evals: list[float] = []
 
         def on_eval(state, metrics) -> None:
@@ -242,35 +197,62 @@ def tune(cfg, preset: str, *, trials: int, space: str | None = None, keep_models
 
         log(f"trial {trial.number}: " + ", ".join(f"{k}={_show(v)}" for k, v in values.items()))
         try:
+            trial_plan = resolve(cfg, preset, trial_overrides)
             out = run(trial_plan, RunOptions(evaluate=False, register=None if keep_models else False,
                                              on_eval=on_eval), log=_quiet if quiet_trials else log)
+            if not evals:
+                raise _no_val_loss(trial_plan)
         except optuna.TrialPruned:
             log(f"trial {trial.number}: pruned at val loss {evals[-1]:.4f}")
+            raise
+        except HafsError as exc:
+            trial.set_user_attr("error", exc.render())
+            reported.numbers.add(trial.number)
+            if isinstance(exc, TrainingError):  # the search goes on, so say here why this trial stopped
+                log(f"trial {trial.number}: failed: {exc.render()}")
             raise
         finally:
             if scratch is not None:
                 shutil.rmtree(scratch, ignore_errors=True)
-        if not evals:
-            raise ConfigError([Problem("the trial produced no validation loss to minimise",
-                                       key=f"datasets.{plan.dataset_name}.val_split",
-                                       hint="tuning needs a val split in the dataset folder and evaluations "
-                                            "during training (eval_strategy = \"steps\")")])
         trial.set_user_attr("model_dir", str(out) if keep_models else None)
         log(f"trial {trial.number}: val loss {evals[-1]:.4f}")
         return evals[-1]
 
     if todo:
-        # An out-of-memory or NaN trial fails and the search goes on; config errors stop it.
-        study.optimize(objective, n_trials=todo, catch=(TrainingError,))
+        optuna_log = logging.getLogger("optuna.study._optimize")
+        optuna_log.addFilter(reported)
+        try:
+            # An out-of-memory or NaN trial fails and the search goes on; config errors stop it.
+            study.optimize(objective, n_trials=todo, catch=(TrainingError,))
+        finally:
+            optuna_log.removeFilter(reported)
     return study
 
 
-def _exists(storage: str, study_name: str) -> bool:
+def _no_val_loss(plan) -> ConfigError:
+    if plan.eval_strategy == "epoch":
+        why = ("eval_strategy = \"epoch\" evaluates at the end of an epoch, which the trial did not reach"
+               + (f" in max_steps {plan.max_steps}" if plan.max_steps else ""))
+        hint, key = "use eval_strategy = \"steps\" with eval_steps <= max_steps", "eval_strategy"
+    else:
+        why = (f"the val split of dataset {plan.dataset_name!r} ({plan.dataset_dir}) gave no evaluation "
+               f"(eval_strategy = {plan.eval_strategy!r}, every {plan.eval_steps or plan.logging_steps} steps)")
+        hint, key = "tuning minimises val loss: add a val split to the dataset folder", \
+            f"datasets.{plan.dataset_name}"
+    return ConfigError([Problem(f"the trial produced no validation loss to minimise: {why}", key=key, hint=hint)],
+                       title="Cannot tune:")
+
+
+def _study_names(storage: str) -> list[str]:
     import optuna
 
     if not Path(storage.removeprefix("sqlite:///")).exists():
-        return False
-    return study_name in optuna.get_all_study_names(storage=storage)
+        return []
+    return optuna.get_all_study_names(storage=storage)
+
+
+def _exists(storage: str, study_name: str) -> bool:
+    return study_name in _study_names(storage)
 
 
 def finished(study) -> int:
@@ -378,7 +360,6 @@ def cmd_tune(args) -> int:
     """`hafs tune PRESET --trials N [--space NAME] [--keep-models] [--set K=V]`."""
     from .loader import load_config
     from .outputs import atomic_write_bytes
-    from .overrides import parse_override
     from .plan import resolve
 
     cfg = load_config(args.config)
@@ -391,10 +372,10 @@ def cmd_tune(args) -> int:
     if best is None:
         print("No trial completed: no best preset to write.")
         return 1
-    base = dict(parse_override(o) for o in args.overrides)
+    base = best.user_attrs.get("overrides", study.user_attrs.get("overrides", {}))
     block = best_preset_block(cfg, args.preset, best.params, base)
     plan = resolve(cfg, args.preset, base)
-    out = study_path(plan, space_name(cfg, args.preset, args.space)).with_suffix(".best.toml")
+    out = best_path(plan, space_name(cfg, args.preset, args.space), study.study_name.rsplit(":", 1)[-1])
     atomic_write_bytes(out, block.encode())
     print(f"\nBest trial {best.number}: val loss {best.value:.4f}. Preset block (also in {out}):\n\n{block}")
     return 0
