@@ -43,6 +43,30 @@ def test_lists_as_json(what):
     assert len(data) >= 3
 
 
+def test_a_preset_naming_a_missing_table_is_listed_invalid_beside_the_others(tmp_path):
+    """The list is where a user looks for what is wrong: one typo must not hide every other preset."""
+    text = (ROOT / "config" / "training.toml").read_text()
+    assert 'expert = "oracle-sheik-debugger"' in text
+    config = tmp_path / "training.toml"
+    config.write_text(text.replace('expert = "oracle-sheik-debugger"', 'expert = "oracle-sheik-debuger"', 1))
+    out = run(["--config", str(config), "--list-presets"])
+    assert out.returncode == 0, out.stderr
+    rows = {line.split()[0]: line for line in out.stdout.splitlines()[3:] if line.strip()}
+    assert rows["demo"].rstrip().endswith("ok")
+    assert "INVALID: expert 'oracle-sheik-debuger' is not defined (did you mean 'oracle-sheik-debugger'?)" in \
+        rows["oracle-sheik-mac"]
+    # anything that trains or validates still refuses the file, at the line of the typo
+    out = run(["--config", str(config), "demo", "--dry-run"])
+    assert out.returncode == 2 and "presets.oracle-sheik-mac.expert" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_output_into_a_closed_pipe_ends_quietly():
+    done = subprocess.run(f"{sys.executable} {ROOT / 'scripts' / 'train.py'} --list-presets --json | head -c 1",
+                          shell=True, capture_output=True, text=True, cwd=ROOT, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert done.stdout == "[" and done.stderr == ""
+
+
 @pytest.mark.skipif(not SEED.exists(), reason="seed config not present")
 def test_users_original_config_lists_five_presets_and_flags_farore():
     out = run(["--config", str(SEED), "--list-presets"])

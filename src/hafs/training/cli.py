@@ -194,6 +194,9 @@ def _run_command(target: str, args) -> int:
     except KeyboardInterrupt:
         print("\nInterrupted.", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader left (`| head`): not an error; keep the exit-time flush quiet too
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception:  # a bug in hafs: say so plainly
         if getattr(args, "verbose", False) or os.environ.get("HAFS_DEBUG"):
             traceback.print_exc()
@@ -214,8 +217,10 @@ def _load(args):
 
 
 def cmd_list(args) -> int:
-    cfg = _load(args)
     from .listing import render_list
+    from .loader import load_config
+
+    cfg = load_config(args.config, references=False)  # a preset naming a missing table is listed INVALID
 
     print(render_list(cfg, args.what, as_json=args.json))
     return 0

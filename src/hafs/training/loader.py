@@ -35,8 +35,11 @@ def default_config_path() -> Path:
     return shipped if shipped.exists() else here
 
 
-def load_config(path: str | Path | None = None) -> TrainingFile:
-    """Read and validate a training.toml; raises ConfigError listing every problem."""
+def load_config(path: str | Path | None = None, *, references: bool = True) -> TrainingFile:
+    """Read and validate a training.toml; raises ConfigError listing every problem.
+
+    `references=False` leaves a preset naming an undefined table to plan.resolve, which reports it for
+    that preset alone (the preset list shows it INVALID beside the others instead of refusing them all)."""
     try:
         path = Path(path).expanduser() if path else default_config_path()
         raw = path.read_bytes()
@@ -53,10 +56,10 @@ def load_config(path: str | Path | None = None) -> TrainingFile:
         line = raw[: exc.start].count(b"\n") + 1
         raise ConfigError([Problem(f"file is not valid UTF-8 text (byte {exc.start})", file=str(path), line=line,
                                    hint="save the file as UTF-8")]) from None
-    return load_config_text(text, str(path))
+    return load_config_text(text, str(path), references=references)
 
 
-def load_config_text(text: str, filename: str = "<string>") -> TrainingFile:
+def load_config_text(text: str, filename: str = "<string>", *, references: bool = True) -> TrainingFile:
     """Validate TOML text; `filename` is used in messages and to resolve relative paths."""
     text = text.removeprefix("\ufeff")
     try:
@@ -108,7 +111,7 @@ def load_config_text(text: str, filename: str = "<string>") -> TrainingFile:
                 built = build_section(NAMED_TABLES[section], table, [section, name], report)
                 if built is not None:
                     entries[name] = built
-    _check_references(result, data, report)
+    _check_references(result, data, report if references else lambda *a, **k: None)
     if problems:
         problems.sort(key=lambda p: p.line or 0)  # file order; problems without a line first
         noun = "problem" if len(problems) == 1 else "problems"

@@ -205,7 +205,9 @@ def resolve(cfg: TrainingFile, preset_name: str, overrides: list[str] | dict | N
                                    hint=f"available presets: {available} (python scripts/train.py --list-presets)")])
     preset: PresetSection = cfg.presets[preset_name]
     # load_config guarantees these; a TrainingFile built or edited in Python may not.
-    missing = [Problem(f"{key} '{getattr(preset, key)}' is not defined", key=_dotted(["presets", preset_name, key]),
+    missing = [Problem(f"{key} '{getattr(preset, key)}' is not defined"
+                       f"{did_you_mean(getattr(preset, key), getattr(cfg, section))}",
+                       key=_dotted(["presets", preset_name, key]),
                        file=cfg.path, line=cfg.line_of(["presets", preset_name, key]),
                        hint=f"[{section}.*] has: {', '.join(sorted(getattr(cfg, section))) or 'none defined'}")
                for key, section in REFERENCES.items() if getattr(preset, key) not in getattr(cfg, section)]
