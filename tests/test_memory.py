@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from hafs.training.errors import HardwareError
+from hafs.training.errors import ConfigError, HardwareError
 from hafs.training.hardware import Capabilities, CpuInfo, MpsInfo
 from hafs.training.loader import load_config
 from hafs.training.memory import GIB, ModelShape, estimate_memory
@@ -457,3 +457,27 @@ def test_cpu_attention_probabilities_are_counted_for_every_example_that_fits_the
     # the probabilities scale with the batch like everything else (no drop at the per-call budget)
     assert b - a == pytest.approx(3 * a, rel=0.02)
     assert a > layers * one
+
+
+def test_the_dry_run_prints_each_memory_note_once(cfg):
+    """The verdict's text carries its own notes; the report's note lines must not repeat them."""
+    from hafs.training.dryrun import DryRunReport
+
+    report = DryRunReport(plan=resolve(cfg, "demo"), memory_text="  verdict: fits\n  note: weights not packed",
+                          notes=["weights not packed", "tokenizer offline"])
+    text = report.render()
+    assert text.count("weights not packed") == 1 and "note: tokenizer offline" in text
+
+
+def test_lora_targets_the_model_lacks_are_found_from_config_json_before_loading(cfg):
+    from hafs.training.memory_check import check_plan
+    from hafs.training.model_config import target_problems
+
+    plan = resolve(cfg, "demo")
+    assert target_problems(plan, QWEN_15B) == []
+    plan.lora.target_modules = ["q_prj", "v_proj"]
+    (problem,) = target_problems(plan, QWEN_15B)
+    assert problem.key == f"lora.{plan.lora_name}.target_modules" and "did you mean 'q_proj'" in problem.message
+    assert target_problems(plan, {**QWEN_15B, "model_type": "phi3"}) == []  # layer names unknown: peft checks
+    with pytest.raises(ConfigError, match="q_prj"):  # the trainer's gate, before any weight is read
+        check_plan(plan, model_config=QWEN_15B, log=lambda *a: None)

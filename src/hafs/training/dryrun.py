@@ -66,7 +66,7 @@ class DryRunReport:
         if self.memory_text:
             lines.append("Memory estimate:")
             lines += ["  " + line for line in self.memory_text.splitlines()]
-        lines += [f"note: {n}" for n in self.notes]
+        lines += [f"note: {n}" for n in self.notes if n not in self.memory_text]  # the verdict printed its own
         if self.problems:
             lines.append(f"Cannot run ({len(self.problems)} problem{'s' if len(self.problems) > 1 else ''}):")
             lines += ["  - " + pr.render().replace("\n", "\n    ") for pr in self.problems]
@@ -195,7 +195,7 @@ def _time(plan, report, tokens: int, caps, settings, checkpointing: bool | None)
 def _memory(plan, report, force: bool, caps, settings):
     """The memory estimate and its verdict into the report; returns the verdict (None without a model config)."""
     from .memory_check import check_memory
-    from .model_config import load_model_config
+    from .model_config import load_model_config, target_problems
 
     try:
         config = load_model_config(plan.expert.base_model, plan.expert.trust_remote_code)
@@ -207,6 +207,7 @@ def _memory(plan, report, force: bool, caps, settings):
         else:
             report.notes.append("memory estimate unavailable: " + exc.problems[0].message)
         return None
+    report.problems += target_problems(plan, config)
     verdict = check_memory(plan, config, settings=settings, caps=caps, force=force)
     report.memory, report.memory_text = verdict.estimate.to_dict(), verdict.render()
     report.problems += verdict.problems

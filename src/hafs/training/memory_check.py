@@ -12,10 +12,10 @@ import copy
 from dataclasses import dataclass, field
 
 from .distributed import planned_world_size
-from .errors import HardwareError
+from .errors import ConfigError, HardwareError
 from .memory import ATTN_IMPLS, CPU_ALLOCATORS, MemoryEstimate, estimate_memory, gib
 from .memory_fit import FitSuggestions, over_limit_problem, suggestions
-from .model_config import load_model_config
+from .model_config import load_model_config, target_problems
 
 
 @dataclass(frozen=True)
@@ -190,6 +190,9 @@ def check_plan(plan, settings=None, *, force: bool = False, log=print, caps=None
     try:
         config = model_config if model_config is not None else load_model_config(
             plan.expert.base_model, plan.expert.trust_remote_code)
+        wrong = target_problems(plan, config)
+        if wrong:
+            raise ConfigError(wrong, title=f"Preset '{plan.preset}' cannot run as configured:")
         verdict = check_memory(plan, config, settings=settings, caps=caps, force=force)
     except HardwareError as exc:
         log(f"note: memory estimate unavailable: {exc.problems[0].message}")

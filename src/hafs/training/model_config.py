@@ -100,3 +100,24 @@ def _read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise HardwareError([Problem("model config is not a JSON object", file=str(path))])
     return data
+
+
+LLAMA_LIKE = frozenset({"llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2"})
+"""model_types whose linear layers are named like Llama's (attention q/k/v/o_proj, MLP gate/up/down_proj)."""
+LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+
+
+def target_problems(plan, config: dict) -> list[Problem]:
+    """LoRA target_modules that the base model does not have, found from its config.json alone.
+
+    Why here: peft's check (model_loading.apply_lora) only runs once the weights are loaded, minutes
+    into a run on a large model. Only architectures whose layer names are known are checked."""
+    from .errors import did_you_mean
+
+    if str(config.get("model_type", "")) not in LLAMA_LIKE:
+        return []
+    unknown = [t for t in plan.lora.target_modules if t not in LLAMA_LINEARS]
+    return [Problem(f"target module '{t}' is not a layer of {plan.expert.base_model} "
+                    f"({config.get('model_type')}){did_you_mean(t, LLAMA_LINEARS)}",
+                    key=f"lora.{plan.lora_name}.target_modules", file=getattr(plan, "config_path", ""),
+                    hint=f"its linear layers are: {', '.join(LLAMA_LINEARS)}") for t in unknown]
