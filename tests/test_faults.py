@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -218,3 +219,12 @@ def test_slow_step_env(monkeypatch):
     assert faults.slow_step_seconds() == 0.25
     monkeypatch.setenv("HAFS_TEST_SLOW_STEP_MS", "fast")
     assert faults.slow_step_seconds() == 0.0
+
+
+def test_the_resume_command_is_the_one_the_user_typed():
+    assert faults._invocation("/venv/bin/hafs") == ["hafs", "train"]
+    # torchrun re-runs the `hafs` console script as this module
+    assert faults._invocation(str(Path(faults.__file__).with_name("distributed.py"))) == ["hafs", "train"]
+    train = Path(__file__).resolve().parents[1] / "scripts" / "train.py"
+    assert faults._invocation(str(train)) == ["python", str(train)]  # works from wherever it was typed
+    assert faults._invocation("/usr/bin/pytest") == ["python", "scripts/train.py"]  # the Python API: the project's

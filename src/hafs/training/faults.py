@@ -89,9 +89,23 @@ class SignalGuard:
         raise SystemExit(128 + signum)
 
 
+def _invocation(argv0: str | None = None) -> list[str]:
+    """How the user started this run, so the printed command works where they typed it: `hafs train`
+    for the console script (also when torchrun re-ran it as a module), `python PATH/train.py` as typed,
+    else (the Python API, tests) the project's `python scripts/train.py`."""
+    argv0 = sys.argv[0] if argv0 is None and sys.argv else argv0 or ""
+    name = Path(argv0).name
+    ours = Path(argv0).resolve().parent == Path(__file__).resolve().parent  # a module of this package
+    if name in ("hafs", "hafs.exe") or ours:
+        return ["hafs", "train"]
+    if name == "train.py" and Path(argv0).is_file():
+        return ["python", argv0]
+    return ["python", "scripts/train.py"]
+
+
 def resume_command(plan, overrides=()) -> str:
     """The command that continues this run (with the same --config and --set options)."""
-    parts = ["python", "scripts/train.py", plan.preset]
+    parts = [*_invocation(), plan.preset]
     config = getattr(plan, "config_path", "")
     if config and not config.startswith("<"):
         default = (Path.cwd() / "config" / "training.toml").resolve()

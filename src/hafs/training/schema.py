@@ -192,7 +192,8 @@ class HyperparameterSection:
     logging_steps: int = 10
     """Log train loss every this many optimizer steps."""
     save_steps: int = 0
-    """Write a resumable checkpoint every this many optimizer steps (0: only at the end)."""
+    """Write a resumable checkpoint every this many optimizer steps (0: none during the run; a stop by Ctrl-C
+    or SIGTERM still saves one, and the finished model is saved either way)."""
     save_total_limit: int = 2
     """Checkpoints kept per run; older ones are deleted once a newer one is complete."""
     eval_strategy: str = "no"
