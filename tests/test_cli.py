@@ -60,6 +60,23 @@ def test_a_preset_naming_a_missing_table_is_listed_invalid_beside_the_others(tmp
     assert out.returncode == 2 and "presets.oracle-sheik-mac.expert" in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.skipif(not SEED.exists(), reason="seed config not present")
+def test_json_output_carries_refusals_and_per_preset_validity():
+    out = run(["--config", str(SEED), "oracle-farore-windows", "--dry-run", "--json"])
+    assert out.returncode == 2 and "max_sequence_length 2048" in out.stderr  # the human message stays on stderr
+    data = json.loads(out.stdout)
+    assert data["ok"] is False and data["problems"][0]["key"] == "presets.oracle-farore-windows.sequence_length"
+    assert data["problems"][0]["line"] == 242
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    hafs = [sys.executable, "-c", "import sys; from hafs.training.cli import main; sys.exit(main())"]
+    done = subprocess.run(hafs + ["validate", "--config", str(SEED), "--json"],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
+    report = json.loads(done.stdout)
+    assert done.returncode == 2 and report["ok"] is False
+    assert report["presets"]["oracle-rauru-mac"] == {"valid": True, "problems": []}
+    assert not report["presets"]["oracle-farore-windows"]["valid"]
+
+
 def test_output_into_a_closed_pipe_ends_quietly():
     done = subprocess.run(f"{sys.executable} {ROOT / 'scripts' / 'train.py'} --list-presets --json | head -c 1",
                           shell=True, capture_output=True, text=True, cwd=ROOT, timeout=60,

@@ -7,6 +7,7 @@ imported inside the commands that need them, so listing presets answers instantl
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import os
@@ -190,6 +191,9 @@ def _run_command(target: str, args) -> int:
 
         if is_main_process() or not isinstance(exc, Interrupted):  # rank 0 alone saves a checkpoint and says where
             print(f"Error: {exc.render()}", file=sys.stderr)
+            if getattr(args, "json", False):  # a program reading stdout gets the refusal too, not an empty page
+                print(json.dumps({"ok": False, "error": exc.title or exc.kind, "exit_code": exc.exit_code,
+                                  "problems": [dataclasses.asdict(p) for p in exc.problems]}, indent=2))
         return exc.exit_code
     except KeyboardInterrupt:
         print("\nInterrupted.", file=sys.stderr)
@@ -231,14 +235,22 @@ def cmd_validate(args) -> int:
     from .plan import resolve
 
     cfg = _load(args)
-    failed = 0
+    results = {}
     for name in cfg.presets:
         try:
             resolve(cfg, name)
-            print(f"  ok    {name}")
+            results[name] = []
         except ConfigError as exc:
-            failed += 1
-            print(f"  FAIL  {name}\n" + "\n".join("        " + p.render() for p in exc.problems))
+            results[name] = exc.problems
+    failed = sum(1 for problems in results.values() if problems)
+    if args.json:
+        print(json.dumps({"ok": not failed, "config": cfg.path, "presets": {
+            name: {"valid": not problems, "problems": [dataclasses.asdict(p) for p in problems]}
+            for name, problems in results.items()}}, indent=2))
+        return 2 if failed else 0
+    for name, problems in results.items():
+        print(f"  FAIL  {name}\n" + "\n".join("        " + p.render() for p in problems) if problems
+              else f"  ok    {name}")
     print(f"{cfg.path}: {len(cfg.presets) - failed} of {len(cfg.presets)} presets valid")
     return 2 if failed else 0
 
