@@ -77,6 +77,11 @@ def test_json_output_carries_refusals_and_per_preset_validity():
     assert not report["presets"]["oracle-farore-windows"]["valid"]
 
 
+def test_the_dry_run_checks_report_to_like_a_run():
+    out = run(["demo", "--dry-run", "--report-to", "wandbx"])
+    assert out.returncode == 2 and "did you mean 'wandb'" in out.stderr and "Traceback" not in out.stderr
+
+
 def test_output_into_a_closed_pipe_ends_quietly():
     done = subprocess.run(f"{sys.executable} {ROOT / 'scripts' / 'train.py'} --list-presets --json | head -c 1",
                           shell=True, capture_output=True, text=True, cwd=ROOT, timeout=60,

@@ -259,7 +259,7 @@ def cmd_show(args) -> int:
     from .dryrun import dry_run
 
     cfg = _load(args)
-    report = dry_run(cfg, args.preset, args.overrides, force=getattr(args, "force", False))
+    report = dry_run(cfg, args.preset, _overrides(args), force=getattr(args, "force", False))
     print(json.dumps(report.to_dict(), indent=2, default=str) if args.json else report.render())
     if report.plan.world_size() > 1 and not args.json:
         from .distributed import describe_launch
@@ -268,14 +268,20 @@ def cmd_show(args) -> int:
     return 0 if report.ok else 2
 
 
+def _overrides(args) -> list[str]:
+    """--set options, and --report-to as the report_to override (a dry run checks it like a run)."""
+    overrides = list(args.overrides)
+    if getattr(args, "report_to", None):
+        overrides.append("report_to=" + json.dumps([s.strip() for s in args.report_to.split(",") if s.strip()]))
+    return overrides
+
+
 def cmd_train(args) -> int:
     from . import distributed
     from .config_trainer import ConfigTrainer
 
     trainer = ConfigTrainer(args.config, verbose=args.verbose)
-    overrides = list(args.overrides)
-    if args.report_to:
-        overrides.append("report_to=" + json.dumps([s.strip() for s in args.report_to.split(",") if s.strip()]))
+    overrides = _overrides(args)
     plan = trainer.build_training_config(args.preset, overrides)
     if distributed.needs_launch(plan):  # several workers asked for: run this command under torchrun
         from .relaunch import relaunch
