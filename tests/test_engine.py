@@ -304,6 +304,8 @@ def test_load_model_and_tokenizer_from_a_built_model(shipped, tmp_path_factory):
     out = model_loading.save_adapter(peft_model, tok, tmp_path_factory.mktemp("out"))
     names = {p.name for p in out.iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "config.json", "tokenizer.json"} <= names
+    # the weights are as readable as the rest of the folder (safetensors writes them through a 0600 temp file)
+    assert (out / "adapter_model.safetensors").stat().st_mode & 0o777 == (out / "config.json").stat().st_mode & 0o777
 
 
 def test_ensure_pad_token_prefers_an_unused_token_over_eos():

@@ -56,6 +56,7 @@ def merge_adapter(model_dir: Path, out_dir: Path, *, dtype: str | None = None, l
     import torch
 
     from .generate import load_trained_model
+    from .model_loading import ordinary_file_modes
     from .outputs import disk_error
 
     model_dir, out_dir = Path(model_dir), Path(out_dir).expanduser()
@@ -79,6 +80,7 @@ def merge_adapter(model_dir: Path, out_dir: Path, *, dtype: str | None = None, l
     try:
         merged.save_pretrained(staged, safe_serialization=True)
         tokenizer.save_pretrained(staged)
+        ordinary_file_modes(staged)
         info = {"merged_from": str(model_dir.resolve()), "base_model": plan.expert.base_model,
                 "lora": {"r": plan.lora.r, "lora_alpha": plan.lora.lora_alpha,
                          "target_modules": list(plan.lora.target_modules)},

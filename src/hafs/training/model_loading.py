@@ -209,4 +209,19 @@ def save_adapter(model, tokenizer, out_dir: Path) -> Path:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     base.config.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    ordinary_file_modes(out_dir)
     return out_dir
+
+
+def ordinary_file_modes(folder: Path) -> None:
+    """Give *.safetensors in `folder` the mode of any new file (0644 under the usual umask).
+
+    Why: safetensors writes through a private temporary file (0600) that it renames, so the weights
+    alone came out unreadable to the group that can read the rest of the model folder (llama.cpp
+    servers, other users of a shared machine)."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in Path(folder).glob("*.safetensors"):
+        os.chmod(path, 0o666 & ~umask)
