@@ -153,6 +153,11 @@ def test_missing_train_file_names_path_and_key(tmp_path):
     text = str(err.value)
     assert str(tmp_path / "data" / "train.jsonl") in text and "datasets.d.path" in text
     assert "train split not found" in text
+    (tmp_path / "data").rmdir()
+    (tmp_path / "data").write_text("")  # the dataset path is a file, not the folder of its splits
+    with pytest.raises(DatasetError) as err:
+        read_split(plan, "train")
+    assert "which is a file: it must be the folder holding train.jsonl" in str(err.value)
 
 
 # ----------------------------------------------------------------------------- bad rows

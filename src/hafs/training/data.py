@@ -146,9 +146,12 @@ def read_split(plan, split: str) -> RawSplit | None:
         if path is not None and path.exists():
             raise DatasetError([Problem("train split is not a file", file=str(path), key=f"{key}.train_split")])
         where = Path(plan.dataset_dir)
-        hint = (f"{key}.path resolves to {where}, which does not exist" if not where.is_dir()
+        hint = (f"{key}.path resolves to {where}, which is a file: it must be the folder holding "
+                f"{plan.dataset.train_split}" if where.is_file()
+                else f"{key}.path resolves to {where}, which does not exist" if not where.is_dir()
                 else f"{where} has no {plan.dataset.train_split}; check {key}.path and {key}.train_split")
-        raise DatasetError([Problem("train split not found", file=str(path), key=f"{key}.path", hint=hint)])
+        config = plan.config_path if plan.config_path and not plan.config_path.startswith("<") else ""
+        raise DatasetError([Problem(f"train split not found: {path}", file=config, key=f"{key}.path", hint=hint)])
 
     stats = SplitStats(split=split, path=str(path), quality_threshold=plan.dataset.quality_threshold)
     threshold = plan.dataset.quality_threshold
