@@ -348,3 +348,19 @@ def test_converter_failure_is_a_short_error(expert, tmp_path):
         export_model(broken, "gguf", "f16", log=_quiet)
     assert "NoSuchModelForCausalLM" in str(err.value) and "GGUF export failed" in str(err.value)
     assert not list(broken.glob("*.gguf")) and not list(broken.glob(".export-*"))
+
+
+def test_a_modelfile_the_user_edited_is_kept(tmp_path):
+    from hafs.training.ollama import write_modelfile
+
+    model_dir, gguf = tmp_path / "m", tmp_path / "m" / "m-f16.gguf"
+    model_dir.mkdir()
+    meta = {"expert": {"name": "e", "system_prompt": "You write 65816 assembly."}}
+    first = write_modelfile(model_dir, gguf, meta, log=_quiet)
+    written = first.read_text()
+    assert write_modelfile(model_dir, gguf, meta, log=_quiet).read_text() == written  # unchanged: rewritten alike
+    first.write_text(written + "PARAMETER temperature 0.2\n")  # the user's own line
+    logs: list[str] = []
+    assert write_modelfile(model_dir, gguf, meta, log=logs.append) == first
+    assert first.read_text().endswith("PARAMETER temperature 0.2\n")
+    assert (model_dir / "Modelfile.hafs").read_text() == written and "Kept your edited" in logs[0]

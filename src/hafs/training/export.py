@@ -139,10 +139,9 @@ def export_model(model_dir, fmt: str = "gguf", outtype: str = "f16", *, register
               "created": dt.datetime.now().isoformat(timespec="seconds")}
 
     if fmt == "ollama":
-        modelfile = write_modelfile(model_dir, gguf_path, meta)
+        modelfile = write_modelfile(model_dir, gguf_path, meta, log=log)
         record["modelfile"] = modelfile.name
         record["ollama_model"] = ollama_name(name)
-        log(f"Wrote {modelfile}")
         if ollama_create(record["ollama_model"], modelfile, run=run_ollama, log=log):
             record["ollama_created"] = True
     record_export(model_dir, record)

@@ -63,11 +63,25 @@ def _triple_quote_safe(text: str) -> str:
     return text.replace('"""', '\\"\\"\\"')
 
 
-def write_modelfile(model_dir: Path, gguf_path: Path, meta: dict) -> Path:
+def write_modelfile(model_dir: Path, gguf_path: Path, meta: dict, log=print) -> Path:
+    """`Modelfile` in the model folder; returns the Modelfile to create the Ollama model from.
+
+    A Modelfile already there that differs from the one hafs would write was edited by the user (a
+    system prompt, parameters): it is kept and used, and hafs's version goes to `Modelfile.hafs` beside it."""
     from .outputs import atomic_write_bytes
 
     path = model_dir / "Modelfile"
-    atomic_write_bytes(path, modelfile_text(gguf_path.name, meta, _eos_token(model_dir)).encode("utf-8"))
+    text = modelfile_text(gguf_path.name, meta, _eos_token(model_dir)).encode("utf-8")
+    try:
+        edited = path.is_file() and path.read_bytes() != text
+    except OSError:
+        edited = True
+    if edited:
+        atomic_write_bytes(model_dir / "Modelfile.hafs", text)
+        log(f"Kept your edited {path} (hafs's version is in Modelfile.hafs)")
+        return path
+    atomic_write_bytes(path, text)
+    log(f"Wrote {path}")
     return path
 
 
