@@ -200,3 +200,15 @@ def test_rm_without_yes_on_closed_stdin_removes_nothing(setup, monkeypatch):
     monkeypatch.setattr("builtins.input", eof)
     assert main(["models", "rm", "demo-asm-b", "--config", str(setup["config"])]) == 1
     assert setup["newer"].is_dir()
+
+
+def test_rm_of_a_registered_model_says_which_registry_entry_now_points_at_nothing(setup, capsys):
+    registry_file = setup["config"].parent / "registry.toml"
+    registry_file.write_text(f'[models.demo-asm]\nmodel_dir = "{setup["newer"]}"\n\n'
+                             f'[models.other]\nmodel_dir = "{setup["older"]}"\n')
+    text = setup["config"].read_text()
+    setup["config"].write_text(text.replace("[output]\n", f'[output]\nregistry = "{registry_file}"\n', 1))
+    assert main(["models", "rm", "demo-asm-b", "--yes", "--config", str(setup["config"])]) == 0
+    err = capsys.readouterr().err
+    assert "models.demo-asm.model_dir still names the removed" in err and "models.other" not in err
+    assert registry_file.read_text().startswith("[models.demo-asm]")  # the user's file is left as it was

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from pathlib import Path
 
 from .errors import ConfigError, Problem
@@ -69,8 +70,28 @@ def cmd_models(args) -> int:
         diff = compare_models(a, b)
         print(json.dumps(diff, indent=2, default=str) if args.json else render_compare(diff))
         return 0
+    target = os.path.normpath(Path(models_dir, names[0]).expanduser().absolute())
     removed = remove_model(models_dir, names[0], yes=args.yes)
+    if removed and registry:
+        _warn_registry_points_at(Path(registry), target)
     return 0 if removed else 1
+
+
+def _warn_registry_points_at(registry: Path, removed: str) -> None:
+    """Registry entries whose model_dir was the removed folder: the user's file is theirs to edit, so say
+    which entries a llama.cpp server would now fail to load, rather than rewrite them."""
+    from .errors import HafsError
+    from .user_registry import registered_experts
+
+    try:
+        entries = registered_experts(registry)
+    except HafsError:
+        return
+    for name, entry in entries.items():
+        where = entry.get("model_dir")
+        if isinstance(where, str) and os.path.normpath(Path(where).expanduser().absolute()) == removed:
+            print(f"warning: {registry}: models.{name}.model_dir still names the removed {removed}; "
+                  "train that expert again (it updates the entry) or edit the entry", file=sys.stderr)
 
 
 def render_list(entries: list[ModelEntry], models_dir: Path) -> str:
