@@ -131,9 +131,10 @@ def build_train_script_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES_TRAIN)
     p.add_argument("preset", nargs="?")
     _common(p), _train_options(p)
+    listing = p.add_mutually_exclusive_group()  # one list per call: two would print only the last
     for what in ("presets", "experts", "hardware", "datasets"):
-        p.add_argument(f"--list-{what}", dest="list_what", action="store_const", const=what,
-                       help=f"list the config's {what}")
+        listing.add_argument(f"--list-{what}", dest="list_what", action="store_const", const=what,
+                             help=f"list the config's {what}")
     p.add_argument("--detect", action="store_true", help="detect this machine and the presets that fit")
     p.add_argument("--eval", metavar="MODEL_DIR", dest="eval_dir", help="evaluate a trained model directory")
     p.add_argument("--dataset", help="with --eval: another dataset of the config")
