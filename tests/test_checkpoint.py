@@ -55,7 +55,8 @@ def shipped():
 
 @pytest.fixture
 def plan(shipped, tmp_path):
-    return resolve(shipped, "demo", {"output.checkpoints_dir": str(tmp_path / "ckpt"), "save_total_limit": 3})
+    return resolve(shipped, "demo", {"output.checkpoints_dir": str(tmp_path / "ckpt"),
+                                     "output.models_dir": str(tmp_path / "models"), "save_total_limit": 3})
 
 
 def build(init_seed: int = 0):
@@ -431,6 +432,7 @@ def test_a_changed_config_is_refused_with_each_difference_unless_forced(plan, sh
     model, opt, sched = build()
     _run_with_checkpoint(plan, model, opt, sched, 2, when=1)
     changed = resolve(shipped, "demo", {"output.checkpoints_dir": plan.output.checkpoints_dir,
+                                        "output.models_dir": plan.output.models_dir,
                                         "lora.r": 16, "sequence_length": 256, "learning_rate": 1e-4})
     with pytest.raises(ResumeError) as info:
         resume.find_resume(changed, "auto", force=False, log=lambda m: None, dataset_fingerprint="e" * 64)
@@ -440,7 +442,8 @@ def test_a_changed_config_is_refused_with_each_difference_unless_forced(plan, sh
     assert "learning_rate" not in text  # allowed to change: only noted
     log = []
     point = resume.find_resume(changed, "auto", force=True, log=log.append, dataset_fingerprint="e" * 64)
-    assert len(point.differences) == 3 and point.to_metadata()["forced"] is True
+    assert len(point.forced) == 3 and point.to_metadata()["forced"] is True
+    assert "learning_rate: 0.001 → 0.0001" in point.to_metadata()["differences"]
     assert any("learning_rate: 0.001 → 0.0001" in m for m in log)
 
 
@@ -451,4 +454,125 @@ def test_an_unchanged_config_resumes_without_notes(plan):
     point = resume.find_resume(plan, "auto", log=log.append, dataset_fingerprint="f" * 64)
     assert point.differences == [] and log == []
     assert point.to_metadata() == {"from_checkpoint": str(point.path), "from_step": 2, "forced": False,
-                                   "differences": []}
+                                   "differences": [], "forced_differences": []}
+
+
+def test_changed_hyperparameters_are_recorded_not_only_printed(plan, shipped):
+    model, opt, sched = build()
+    _run_with_checkpoint(plan, model, opt, sched, 2, when=1)
+    changed = resolve(shipped, "demo", {"output.checkpoints_dir": plan.output.checkpoints_dir,
+                                        "output.models_dir": plan.output.models_dir,
+                                        "learning_rate": 3e-4, "num_epochs": 5, "lr_scheduler": "linear"})
+    log = []
+    point = resume.find_resume(changed, "auto", log=log.append, dataset_fingerprint="f" * 64)
+    recorded = point.to_metadata()
+    assert recorded["forced"] is False and recorded["forced_differences"] == []
+    assert {"learning_rate: 0.001 → 0.0003", "num_epochs: 3.0 → 5.0", 'lr_scheduler: "cosine" → "linear"'} <= set(
+        recorded["differences"]), recorded["differences"]
+    assert any("learning_rate: 0.001 → 0.0003" in m for m in log)
+
+
+def test_restore_applies_the_plans_learning_rate_and_weight_decay_not_the_checkpoints(tmp_path, plan):
+    from transformers.optimization import get_scheduler
+
+    model, opt, sched = build()
+    state = train(model, opt, sched, TinyState(), 3)
+    saved_lr = opt.param_groups[0]["lr"]
+    path = save(tmp_path / "run", model, opt, sched, state, plan)
+
+    model, opt, sched = build()  # the same settings: the very learning rate comes back (exact resume)
+    resume.restore(resume.load_point(path), model=model, optimizer=opt, scheduler=sched, state_cls=TinyState)
+    assert opt.param_groups[0]["lr"] == saved_lr and sched.get_last_lr() == [saved_lr]
+
+    model, _, _ = build()  # --set learning_rate=1e-4 --set weight_decay=0.5 and a longer schedule
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.5)
+    sched = get_scheduler("cosine", opt, num_warmup_steps=2, num_training_steps=20)
+    expected = 1e-4 * sched.lr_lambdas[0](3)
+    resume.restore(resume.load_point(path), model=model, optimizer=opt, scheduler=sched, state_cls=TinyState)
+    group = opt.param_groups[0]
+    assert sched.last_epoch == 3 and group["initial_lr"] == 1e-4 and group["weight_decay"] == 0.5
+    assert group["lr"] == pytest.approx(expected) and sched.get_last_lr() == [group["lr"]]
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-4 * sched.lr_lambdas[0](4))
+
+
+# --------------------------------------------------------------------------- finished runs, total steps
+
+
+def _saved_model(plan, run_dir, name="demo-model"):
+    """A model folder as the recipe leaves it: metadata.json (written last) names the run folder."""
+    model = checkpoint.Path(plan.output.models_dir) / name
+    model.mkdir(parents=True)
+    (model / "metadata.json").write_text(json.dumps({"run_dir": str(run_dir), "training": {}}))
+    return model
+
+
+def test_auto_does_not_resume_a_run_that_saved_its_model(plan):
+    model, opt, sched = build()
+    older = _run_with_checkpoint(plan, model, opt, sched, 3, when=1)  # interrupted, then superseded
+    done = _run_with_checkpoint(plan, model, opt, sched, 2, when=2)
+    saved = _saved_model(plan, done.parent)
+    log = []
+    assert resume.find_resume(plan, "auto", log=log.append, dataset_fingerprint="f" * 64) is None
+    assert len(log) == 1 and "already finished" in log[0] and str(saved) in log[0]
+    assert "starting a new run from scratch" in log[0] and f"--resume {done.parent}" in log[0]
+    assert older.exists()  # kept for an explicit --resume
+
+
+def test_a_staged_or_broken_model_does_not_finish_its_run(plan):
+    model, opt, sched = build()
+    done = _run_with_checkpoint(plan, model, opt, sched, 2, when=1)
+    _saved_model(plan, done.parent, name=".staging-demo-model-123")  # killed before the rename
+    (_saved_model(plan, done.parent, name="demo-broken") / "metadata.json").write_text("{trunc")
+    assert resume.find_resume(plan, "auto", log=lambda m: None).path == done
+
+
+def test_an_explicit_resume_of_a_finished_run_continues_in_a_new_run_folder(plan):
+    model, opt, sched = build()
+    done = _run_with_checkpoint(plan, model, opt, sched, 2, when=1)
+    _saved_model(plan, done.parent)
+    log = []
+    point = resume.find_resume(plan, str(done.parent), log=log.append)
+    assert point.path == done and point.run_dir != done.parent and "already finished" in log[0]
+
+
+def _point_at(plan, step, total_steps):
+    model, opt, sched = build()
+    state = TinyState(step=step)
+    record = dict(state.to_dict(), total_steps=total_steps)
+    state.to_dict = lambda: record
+    return resume.load_point(_run_with_checkpoint_state(plan, model, opt, sched, state))
+
+
+def _run_with_checkpoint_state(plan, model, opt, sched, state):
+    return save(checkpoint.Path(plan.output.checkpoints_dir) / "demo-20260101-100100", model, opt, sched, state,
+                plan)
+
+
+@pytest.mark.parametrize("step,saved_total,total,refused", [
+    (60, 66, 44, True),   # fewer epochs than already trained
+    (44, 66, 44, True),   # exactly at a lowered total: trained with another schedule
+    (66, 66, 66, False),  # saved after the last step (interrupted while saving): only evaluate and save
+    (60, 66, 88, False),  # a longer run
+    (60, 66, 66, False),
+])
+def test_a_checkpoint_at_or_past_the_new_total_steps_is_refused(plan, step, saved_total, total, refused):
+    point = _point_at(plan, step, saved_total)
+    if not refused:
+        resume.check_total_steps(point, total, plan)
+        return
+    with pytest.raises(ResumeError) as info:
+        resume.check_total_steps(point, total, plan)
+    text = info.value.render()
+    assert f"saved after {step} optimizer steps" in text and f"takes {total} in all" in text
+    assert "hyperparameters.demo.num_epochs" in text and "config/training.toml:" in text
+    assert "--set num_epochs=" in text and "without --resume" in text
+
+
+def test_a_max_steps_below_the_checkpoint_is_refused_before_the_model_loads(plan, shipped):
+    _point_at(plan, 5, 7)
+    shorter = resolve(shipped, "demo", {"output.checkpoints_dir": plan.output.checkpoints_dir,
+                                        "output.models_dir": plan.output.models_dir, "max_steps": 4})
+    with pytest.raises(ResumeError, match="past the end of this run") as info:
+        resume.find_resume(shorter, "auto", log=lambda m: None)
+    assert "max_steps = 4" in info.value.render() and "--set max_steps=" in info.value.render()

@@ -481,3 +481,19 @@ def test_lora_targets_the_model_lacks_are_found_from_config_json_before_loading(
     assert target_problems(plan, {**QWEN_15B, "model_type": "phi3"}) == []  # layer names unknown: peft checks
     with pytest.raises(ConfigError, match="q_prj"):  # the trainer's gate, before any weight is read
         check_plan(plan, model_config=QWEN_15B, log=lambda *a: None)
+
+
+def test_a_hub_model_that_cannot_be_downloaded_is_said_before_the_run(tmp_path, monkeypatch, cfg):
+    from hafs.training import model_config
+    from hafs.training.dryrun import dry_run
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(model_config, "_hub_reachable", lambda timeout=2.0: False)
+    problem = model_config.hub_download_problem("Qwen/Qwen2.5-Coder-1.5B", "experts.x.base_model")
+    assert problem is not None and "cannot be reached" in problem.message and problem.key == "experts.x.base_model"
+    assert model_config.hub_download_problem("hafs-demo/tiny-qwen2", "k") is None
+    assert model_config.hub_download_problem(str(tmp_path), "k") is None  # a local folder
+    report = dry_run(cfg, "demo", ["expert.base_model=Qwen/Qwen2.5-Coder-1.5B"])
+    assert any("not in the local Hugging Face cache" in p.message for p in report.problems)
+    monkeypatch.setattr(model_config, "_hub_reachable", lambda timeout=2.0: True)
+    assert model_config.hub_download_problem("Qwen/Qwen2.5-Coder-1.5B", "k") is None  # it will download

@@ -224,3 +224,49 @@ def test_resume_with_a_changed_lora_shape_is_refused(tmp_path, tiny_model):
     done = subprocess.run(command(config, "--resume", "auto", "--set", "lora.r=8"), capture_output=True,
                           text=True, timeout=TIMEOUT, env=env(), cwd=REPO)
     assert done.returncode == 2 and "lora.r: 4 → 8" in done.stderr and "--force" in done.stderr
+    done = subprocess.run(command(config, "--resume", "auto", "--set", "max_steps=2"), capture_output=True,
+                          text=True, timeout=TIMEOUT, env=env(), cwd=REPO)
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "past the end of this run" in done.stderr and "saved after 2 optimizer steps" in done.stderr
+    assert "max_steps" in done.stderr and "Resumed from" not in done.stdout and model_dirs(tmp_path) == []
+
+
+def test_resume_auto_after_a_finished_run_starts_a_new_run_instead(tmp_path, tiny_model):
+    config = make_run(tmp_path, tiny_model, max_steps=4)
+    run(config)
+    (first,) = model_dirs(tmp_path)
+
+    out = run(config, "--resume", "auto")
+    text = out.stdout + out.stderr
+    assert "Resumed from" not in text and "already finished" in text and str(first) in text
+    second = [p for p in model_dirs(tmp_path) if p != first]
+    assert len(second) == 1
+    meta = json.loads((second[0] / "metadata.json").read_text())
+    assert resumed_from(meta) is None and meta["training"]["optimizer_steps"] == 4
+
+
+def test_ctrl_c_during_the_final_evaluation_saves_the_last_step_and_resume_finishes(tmp_path, tiny_model,
+                                                                                     reference):
+    config = make_run(tmp_path, tiny_model)
+    # With evaluation on, the model folder is staged for the whole final evaluation: a wide window.
+    proc = subprocess.Popen(command(config)[:-1], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env(), cwd=REPO)
+    models = tmp_path / "models"
+    wait_for(proc, lambda: models.is_dir() and any(p.name.startswith(".staging-") for p in models.iterdir()),
+             "the staged model folder")
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the final save finished before the signal arrived")
+    assert proc.returncode == 130, out[-3000:]
+    assert f"Interrupted at step {MAX_STEPS}" in out and "--resume auto" in out, out[-3000:]
+    from hafs.training.checkpoint import verify
+
+    saved = list((tmp_path / "checkpoints").glob(f"*/checkpoint-{MAX_STEPS}"))
+    assert len(saved) == 1 and verify(saved[0]) == ""
+    assert list(models.iterdir()) == []  # no model, no staging folder left behind
+
+    out = run(config, "--resume", "auto")
+    meta = assert_same_result(tmp_path, reference)
+    assert Path(resumed_from(meta)).name == f"checkpoint-{MAX_STEPS}"
+    assert f"Resumed from {saved[0]} at step {MAX_STEPS}" in out.stdout + out.stderr

@@ -182,3 +182,40 @@ def test_eval_figures_reads_flat_and_nested_shapes():
         {"eval_loss": 1.5, "perplexity": 4.48}
     assert eval_figures({"evaluation": {"after": {"test": {"loss": 2.0}}}}) == {"eval_loss": 2.0}
     assert eval_figures({"evaluation": None, "training": {"final_loss": True}}) == {}
+
+
+@pytest.mark.parametrize("bad, line", [
+    ('[models.oracle-x]\nstatus = "planned\n', 2),
+    ('[metadata]\nschema_version = 1\nnotes = [\n', 3),  # unfinished at the end: tomllib names no line
+    ('models = "not a table"\n', 1),
+    ('[models]\noracle-x = 3\n', 2),
+])
+def test_registry_problems_finds_what_update_registry_would_refuse(tmp_path, bad, line):
+    from hafs.training.user_registry import registry_problems
+
+    path = tmp_path / "registry.toml"
+    path.write_text(bad)
+    problems = registry_problems(path, "oracle-x")
+    assert problems and problems[0].file == str(path) and problems[0].line == line
+    assert "output] registry" in problems[0].hint
+    with pytest.raises(ConfigError):
+        update_registry(path, expert_name="oracle-x", entry={"status": "trained"}, log=lambda *_: None)
+    assert path.read_text() == bad
+    assert registry_problems(tmp_path / "missing.toml", "oracle-x") == []
+
+
+def test_register_after_save_warns_instead_of_raising(tmp_path):
+    from hafs.training.loader import load_config
+    from hafs.training.plan import resolve
+    from hafs.training.user_registry import register_after_save
+
+    plan = resolve(load_config(CONFIG), "demo")
+    path = tmp_path / "registry.toml"
+    path.write_text("[models\n")
+    lines = []
+    assert register_after_save(plan, tmp_path / "model", {}, registry=str(path), log=lines.append) is None
+    assert "warning: the model registry was not updated" in lines[0] and f"{path}:1" in lines[0]
+    assert path.read_text() == "[models\n"
+    path.write_text("")
+    assert register_after_save(plan, tmp_path / "model", {}, registry=str(path), log=lines.append) == path
+    assert tomllib.loads(path.read_text())["models"]["demo-asm"]["status"] == "trained"

@@ -106,7 +106,7 @@ def _detect():
 def _preflight(plan, report, caps) -> None:
     from .preflight import preflight
 
-    result = preflight(plan, caps)
+    result = preflight(plan, caps, hub=True)
     report.problems += result.problems
     report.notes += result.notes
 

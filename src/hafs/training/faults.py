@@ -8,6 +8,7 @@ bugs through unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import os
@@ -84,6 +85,69 @@ class SignalGuard:
         # Second signal: give the previous handlers back, so a third one is not caught at all.
         self._restore()
         self._log(f"\nReceived {name} again: aborting.")
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + signum)
+
+
+class Stopped(KeyboardInterrupt):
+    """A signal arrived after the last optimizer step, before the model was saved."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class StopOnSignal:
+    """SIGINT / SIGTERM handlers for the time between the last step and the saved model.
+
+    Once armed, the first signal raises `Stopped` wherever the run is (the final evaluation can take
+    minutes; waiting for it would not be a stop), except inside `deferred()`, which finishes first.
+    Unarmed or disarmed, signals act as Python's defaults would. Outside the main thread: no-op.
+    """
+
+    def __init__(self, log):
+        self._log, self._armed, self._deferring, self._pending = log, False, False, None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def arm(self) -> None:
+        self._armed = True
+
+    def disarm(self) -> None:
+        self._armed = False
+
+    @contextlib.contextmanager
+    def deferred(self):
+        self._deferring = True
+        try:
+            yield
+        finally:
+            self._deferring = False
+        if self._pending is not None:
+            self._armed = False
+            self._log(f"\nReceived {signal.Signals(self._pending).name} while the model was being moved into "
+                      "place: it is complete; finishing.")
+
+    def _handle(self, signum, frame) -> None:
+        if self._armed and self._deferring:
+            self._pending = signum
+            return
+        if self._armed:
+            self._armed = False  # a second signal during the checkpoint save aborts it
+            self._log(f"\nReceived {signal.Signals(signum).name} after training: saving a checkpoint of the last "
+                      "step instead of the model.")
+            raise Stopped(signum)
         if signum == signal.SIGINT:
             raise KeyboardInterrupt
         raise SystemExit(128 + signum)

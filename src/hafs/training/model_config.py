@@ -121,3 +121,29 @@ def target_problems(plan, config: dict) -> list[Problem]:
                     f"({config.get('model_type')}){did_you_mean(t, LLAMA_LINEARS)}",
                     key=f"lora.{plan.lora_name}.target_modules", file=getattr(plan, "config_path", ""),
                     hint=f"its linear layers are: {', '.join(LLAMA_LINEARS)}") for t in unknown]
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+
+
+def hub_download_problem(base_model: str, key: str) -> Problem | None:
+    """A hub base model whose weights are not in the local hub cache while huggingface.co cannot be reached.
+
+    Why before the run: transformers' download retries for about a minute before it gives up, after the
+    data was read and the plan printed; a second's probe says the same thing up front."""
+    if base_model.startswith("hafs-demo/") or Path(base_model).expanduser().exists() or base_model.count("/") != 1:
+        return None  # the demo model, a local folder, or not a hub id (transformers says what is wrong)
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        if any(isinstance(try_to_load_from_cache(base_model, name), str) for name in WEIGHT_FILES):
+            return None
+    except Exception:  # noqa: BLE001 - no cache or an odd id: let the loader report it
+        return None
+    if _hub_reachable():
+        return None
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
+    return Problem(f"'{base_model}' is not in the local Hugging Face cache and "
+                   + ("HF_HUB_OFFLINE is set" if offline else "huggingface.co cannot be reached (offline?)"),
+                   key=key, hint="download it once with network (`huggingface-cli download "
+                                 f"{base_model}`), or point base_model at a local model directory")

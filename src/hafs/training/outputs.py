@@ -47,13 +47,21 @@ def run_id(plan, now: dt.datetime | None = None) -> str:
     return f"{safe_component(plan.preset)}-{now.strftime('%Y%m%d-%H%M%S')}"
 
 
+def staging_path(models_dir: Path, name: str) -> Path:
+    """Where this process stages model `name` (see staging_dir)."""
+    return Path(models_dir) / f"{STAGING_PREFIX}{name}-{os.getpid()}"
+
+
 def staging_dir(models_dir: Path, name: str) -> Path:
     """A fresh hidden folder beside the final one, on the same filesystem so the rename is atomic."""
-    models_dir.mkdir(parents=True, exist_ok=True)
-    path = models_dir / f"{STAGING_PREFIX}{name}-{os.getpid()}"
-    if path.exists():
-        shutil.rmtree(path)
-    path.mkdir()
+    path = staging_path(models_dir, name)
+    try:
+        models_dir.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            shutil.rmtree(path)
+        path.mkdir()
+    except OSError as exc:  # preflight checked models_dir; something replaced it during the run
+        raise disk_error(exc, models_dir) from None
     return path
 
 
@@ -98,7 +106,8 @@ def disk_error(exc: OSError, path: Path) -> TrainingError:
     """A user-facing error for a failed write (disk full, read-only, permissions)."""
     why = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
            errno.EACCES: "permission denied",
-           errno.EDQUOT: "disk quota exceeded"}.get(exc.errno, exc.strerror or str(exc))
+           errno.EDQUOT: "disk quota exceeded", errno.EEXIST: "a file is in the way of a folder",
+           errno.ENOTDIR: "part of the path is a file, not a folder"}.get(exc.errno, exc.strerror or str(exc))
     return TrainingError([Problem(f"cannot write {path}: {why}", file=str(path),
                                   hint="free space or point [output] at a writable folder; "
                                        "existing checkpoints and models were left intact")])

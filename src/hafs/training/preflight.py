@@ -6,7 +6,10 @@ with fakes. Nothing here imports torch or transformers: pre-flight runs before t
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .errors import ConfigError, HardwareError, Problem
 from .hardware import CU128_HINT, DEVICE_ORDER, Capabilities, build_phrase, install_hint
@@ -28,7 +31,9 @@ class Preflight:
     def raise_for_problems(self, preset: str = "") -> Preflight:
         """HardwareError listing every problem, if there are any."""
         if self.problems:
-            raise HardwareError(self.problems, title=f"Preset '{preset}' cannot run on this machine:" if preset else "")
+            machine = any(p.key.startswith("hardware.") for p in self.problems)
+            title = f"Preset '{preset}' cannot run" + (" on this machine:" if machine else ":")
+            raise HardwareError(self.problems, title=title if preset else "")
         return self
 
 
@@ -101,12 +106,16 @@ def _precision_check(hw, device: str, precision: str, caps: Capabilities, preset
                                  f'in the hardware profile so "auto" picks fp16'))], []
 
 
-def preflight(plan, caps: Capabilities, cfg=None, *, suggest: bool = True) -> Preflight:
+def preflight(plan, caps: Capabilities, cfg=None, *, suggest: bool = True, paths: bool = True,
+              register: bool | None = None, hub: bool = False) -> Preflight:
     """Check a resolved TrainingConfig against the machine, before any download or model load.
 
     Problems read `Hardware <profile name> is unsupported: <why>`; their hint names the presets of `cfg`
     (the TrainingFile, loaded from plan.config_path when not given) that do fit this machine.
-    Pure: reads the plan and `caps` only (no transformers, no model, no network).
+    With `paths`, the output folders and the model registry (`register` as RunOptions.register) are
+    checked too: they are only written after training, when a failure would cost the whole run.
+    With `hub`, a hub base model not in the local cache must be downloadable (a second's probe of the
+    network). Otherwise reads the plan, `caps` and the file system only (no transformers, no model).
     """
     hw = plan.hardware
     device, whys, notes = _device_check(hw, caps)
@@ -115,24 +124,95 @@ def preflight(plan, caps: Capabilities, cfg=None, *, suggest: bool = True) -> Pr
     whys, notes = whys + more, notes + pnotes
     problems = []
     if whys:
+        cfg = cfg if cfg is not None else _config_of(plan)
+        line = cfg.line_of(["presets", plan.preset, "hardware"]) if cfg is not None else None
         fitting = _fitting_presets(plan, cfg, caps) if suggest else []
         for why, hint in whys:
             alt = "" if not suggest else (f"presets that fit this machine: {', '.join(fitting)}" if fitting else
                    "no preset fits this machine; `--detect` prints a hardware profile for it")
             problems.append(Problem(f"Hardware {hw.name} is unsupported: {why}", key=f"hardware.{plan.hardware_name}",
                                     file=plan.config_path if not plan.config_path.startswith("<") else "",
-                                    hint="; or ".join(h for h in (hint, alt) if h)))
+                                    line=line, hint="; or ".join(h for h in (hint, alt) if h)))
+    if paths:
+        problems += output_problems(plan) + registry_problems(plan, register)
+    if hub:
+        from .model_config import hub_download_problem
+
+        missing = hub_download_problem(plan.expert.base_model, f"experts.{plan.expert_name}.base_model")
+        if missing:
+            source = cfg if cfg is not None else _config_of(plan)
+            problems.append(dataclasses.replace(missing, file=source.path, line=source.line_of(
+                ["experts", plan.expert_name, "base_model"])) if source is not None else missing)
     return Preflight(device=device, precision=precision, problems=problems, notes=notes)
 
 
-def _fitting_presets(plan, cfg, caps: Capabilities) -> list[str]:
-    if cfg is None and plan.config_path and not plan.config_path.startswith("<"):
-        from .loader import load_config
+OUTPUT_DIRS = (("models_dir", "the trained model"), ("checkpoints_dir", "checkpoints"),
+               ("logs_dir", "tracker logs"))
 
-        try:
-            cfg = load_config(plan.config_path)
-        except ConfigError:
-            return []
+
+def output_problems(plan) -> list[Problem]:
+    """An output folder that cannot be created or written, as a Problem naming its `output.*` key."""
+    problems = []
+    config = plan.config_path if plan.config_path and not plan.config_path.startswith("<") else ""
+    for key, what in OUTPUT_DIRS:
+        if key == "logs_dir" and not plan.report_to:
+            continue  # only trackers write there
+        why = folder_problem(Path(getattr(plan.output, key)))
+        if why:
+            problems.append(Problem(f"{why}: {what} cannot be saved there", key=f"output.{key}", file=config,
+                                    hint=f"set output.{key} to a folder hafs can create or write to "
+                                         f"(in [output] or with --set output.{key}=PATH)"))
+    return problems
+
+
+def folder_problem(folder: Path) -> str:
+    """Why `folder` cannot be used for writing (created with its parents first), or ''.
+
+    os.path's predicates, not Path's: they answer False instead of raising on an unreadable parent.
+    """
+    folder = Path(os.path.abspath(folder))
+    for path in (folder, *folder.parents):
+        if os.path.isdir(path):
+            break
+        if os.path.lexists(path):  # a file, or a link to nothing: mkdir would fail on it
+            kind = "a broken symbolic link" if os.path.islink(path) else "a file, not a folder"
+            where = f"{path} is {kind}" if path == folder else f"{path} (a parent of {folder}) is {kind}"
+            return where + " (hafs will not replace it)"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return f"{path} is not writable" + ("" if path == folder else f" (so {folder} cannot be created in it)")
+    return ""
+
+
+def registry_problems(plan, register: bool | None = None) -> list[Problem]:
+    """A model registry that the update after training would refuse (None: only a configured one)."""
+    if register is False or not (register or plan.output.registry):
+        return []
+    from . import user_registry
+
+    path = user_registry.resolve_registry(plan)
+    problems = user_registry.registry_problems(path, plan.expert_name)
+    why = folder_problem(path.parent)
+    if why:
+        config = plan.config_path if plan.config_path and not plan.config_path.startswith("<") else ""
+        problems.append(Problem(f"{why}: the model registry cannot be updated there", key="output.registry",
+                                file=config, hint="set output.registry to a file in a writable folder, "
+                                                     "or pass --no-register"))
+    return problems
+
+
+def _config_of(plan):
+    """The TrainingFile the plan was resolved from (for lines and other presets), None if unreadable now."""
+    if not plan.config_path or plan.config_path.startswith("<"):
+        return None
+    from .loader import load_config
+
+    try:
+        return load_config(plan.config_path)
+    except ConfigError:
+        return None
+
+
+def _fitting_presets(plan, cfg, caps: Capabilities) -> list[str]:
     if cfg is None:
         return []
     return [name for name, ok, _ in rank_presets(cfg, caps, memory=False) if ok and name != plan.preset]
@@ -157,7 +237,7 @@ def rank_presets(cfg, caps: Capabilities, *, memory: bool = True, config_loader=
         except ConfigError as exc:
             rows.append((name, False, f"config: {exc.problems[0].message}", 9))
             continue
-        pf = preflight(plan, caps, suggest=False)
+        pf = preflight(plan, caps, suggest=False, paths=False)  # ranks machines; [output] is shared
         if pf.problems:
             rows.append((name, False, pf.problems[0].message, 9))
             continue

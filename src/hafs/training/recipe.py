@@ -7,6 +7,7 @@ before a model is downloaded or loaded.
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -54,7 +55,7 @@ def run(plan: TrainingConfig, opts: RunOptions, log=print) -> Path:
 
     # 1. Fail fast: machine, data and memory are checked before any model is loaded.
     caps = hardware.detect()
-    pre = preflight.preflight(plan, caps)
+    pre = preflight.preflight(plan, caps, register=opts.register, hub=True)
     for note in pre.notes:
         log(f"note: {note}")
     pre.raise_for_problems(plan.preset)
@@ -86,6 +87,8 @@ def run(plan: TrainingConfig, opts: RunOptions, log=print) -> Path:
     ctx.broadcast_params([p for p in model.parameters() if p.requires_grad])
     batches = engine.BatchSource(prepared.train, plan, tokenizer, settings)
     total_steps = plan.total_steps(-(-batches.micro_batches_per_epoch() // ctx.world_size))
+    if point:
+        resume.check_total_steps(point, total_steps, plan)
     progress.print_plan(plan, settings, prepared, total_steps, estimate, log=log, model=model)
     if ctx.enabled:
         log(f"Distributed: {ctx.world_size} workers ({ctx.backend}); global batch = {plan.batch_size} x "
@@ -117,57 +120,72 @@ def run(plan: TrainingConfig, opts: RunOptions, log=print) -> Path:
                                           state=st, plan=plan, dataset_fingerprint=fingerprint)
 
     slow = faults.slow_step_seconds()  # tests slow steps down to kill a run mid-way
-    with faults.SignalGuard(log=log) as guard:
-        hooks = engine.Hooks(on_step=(lambda st, m: time.sleep(slow)) if slow else None,
-                             on_log=lambda st, m: trackers.log(st.step, m),
-                             on_eval=lambda st, m: (trackers.log(st.step, m), opts.on_eval and opts.on_eval(st, m)),
-                             on_save=save if plan.save_steps else None,
-                             should_stop=lambda: ctx.any(guard.should_stop()))
-        try:
-            state = engine.train(model, optimizer, scheduler, batches, plan, state, hooks,
-                                 eval_fn=evaluator.val_loss, settings=settings,
-                                 progress=None if ctx.is_main else False, dist=ctx)
-        except BaseException as exc:
-            trackers.close(failed=True)
-            raise faults.translate(exc, plan, state, run_dir, estimate) from None
-        if guard.stopped:
-            path = save(state)
-            trackers.close(failed=True)
-            raise faults.interrupted(plan, state, path, guard.signal, overrides=opts.overrides)
+    name = ""
+    # Entered before the loop's guard, which hands signals back to it when the loop ends: from the
+    # last step until the model is renamed into place, a first Ctrl-C / SIGTERM interrupts at once.
+    with faults.StopOnSignal(log) as after_training:
+        with faults.SignalGuard(log=log) as guard:
+            hooks = engine.Hooks(on_step=(lambda st, m: time.sleep(slow)) if slow else None,
+                                 on_log=lambda st, m: trackers.log(st.step, m),
+                                 on_eval=lambda st, m: (trackers.log(st.step, m), opts.on_eval and opts.on_eval(st, m)),
+                                 on_save=save if plan.save_steps else None,
+                                 should_stop=lambda: ctx.any(guard.should_stop()))
+            try:
+                state = engine.train(model, optimizer, scheduler, batches, plan, state, hooks,
+                                     eval_fn=evaluator.val_loss, settings=settings,
+                                     progress=None if ctx.is_main else False, dist=ctx)
+            except BaseException as exc:
+                trackers.close(failed=True)
+                raise faults.translate(exc, plan, state, run_dir, estimate) from None
+            if guard.stopped:
+                path = save(state)
+                trackers.close(failed=True)
+                raise faults.interrupted(plan, state, path, guard.signal, overrides=opts.overrides)
+        after_training.arm()
 
-    # 6. Save: stage everything, write metadata.json last, rename into place (never overwrite). The
-    #    adapter is staged before the final evaluation, so a failing evaluation cannot lose it.
-    try:
-        if ctx.is_main:
-            name = outputs.model_dir_name(plan)
-            staged = outputs.staging_dir(Path(plan.output.models_dir), name)
-            model_loading.save_adapter(model, tokenizer, staged)
-        after = evaluator.run(model, "after") if evaluates else None
-        if not ctx.is_main:  # rank 0 alone writes the model directory; the others learn its path
-            final = Path(ctx.broadcast_object(None))
-            distributed.cleanup(ctx)
-            return final
-        evaluation = evaluator.write(staged, before, after) if opts.evaluate else None
-        _plot(state, staged, plan, log)
-        meta = outputs.build_metadata(
-            plan, num_samples=len(prepared.train), duration_seconds=state.elapsed_seconds,
-            hardware_info=caps.summary(settings), extra={
-                "training": {"tokens_trained": state.tokens, "optimizer_steps": state.step,
-                             "world_size": ctx.world_size, "final_loss": state.last_loss(),
-                             "best_eval_loss": state.best_eval(), "precision": settings.precision,
-                             "resumed_from": str(point.path) if point else None},
-                "resume": point.to_metadata() if point else None,
-                "run_settings": settings.to_dict(),
-                "dataset_stats": prepared.stats() if plan.output.metadata.include_dataset_stats else None,
-                "losses": {"train": state.loss_history, "eval": state.eval_history},
-                "evaluation": evaluation, "memory_estimate_gb": round(estimate.total_gb, 3) if estimate else None,
-                "versions": progress.library_versions(), "run_dir": str(run_dir),
-            })
-        outputs.atomic_write_json(staged / "metadata.json", meta)
-        final = outputs.finalize_dir(staged, Path(plan.output.models_dir), name)
-    except BaseException:
-        trackers.close(failed=True)  # the run shows as failed in W&B / MLflow, not as still running
-        raise
+        # 6. Save: stage everything, write metadata.json last, rename into place (never overwrite). The
+        #    adapter is staged before the final evaluation, so a failing evaluation cannot lose it.
+        try:
+            if ctx.is_main:
+                name = outputs.model_dir_name(plan)
+                staged = outputs.staging_dir(Path(plan.output.models_dir), name)
+                model_loading.save_adapter(model, tokenizer, staged)
+            after = evaluator.run(model, "after") if evaluates else None
+            if not ctx.is_main:  # rank 0 alone writes the model directory; the others learn its path
+                final = Path(ctx.broadcast_object(None))
+                distributed.cleanup(ctx)
+                return final
+            evaluation = evaluator.write(staged, before, after) if opts.evaluate else None
+            _plot(state, staged, plan, log)
+            meta = outputs.build_metadata(
+                plan, num_samples=len(prepared.train), duration_seconds=state.elapsed_seconds,
+                hardware_info=caps.summary(settings), extra={
+                    "training": {"tokens_trained": state.tokens, "optimizer_steps": state.step,
+                                 "world_size": ctx.world_size, "final_loss": state.last_loss(),
+                                 "best_eval_loss": state.best_eval(), "precision": settings.precision,
+                                 "resumed_from": str(point.path) if point else None},
+                    "resume": point.to_metadata() if point else None,
+                    "run_settings": settings.to_dict(),
+                    "dataset_stats": prepared.stats() if plan.output.metadata.include_dataset_stats else None,
+                    "losses": {"train": state.loss_history, "eval": state.eval_history},
+                    "evaluation": evaluation, "memory_estimate_gb": round(estimate.total_gb, 3) if estimate else None,
+                    "versions": progress.library_versions(), "run_dir": str(run_dir),
+                })
+            outputs.atomic_write_json(staged / "metadata.json", meta)
+            with after_training.deferred():  # a signal mid-rename takes effect once the model is in place
+                final = outputs.finalize_dir(staged, Path(plan.output.models_dir), name)
+        except faults.Stopped as stop:
+            # Training is done but its model is not saved: keep the last step as a checkpoint instead.
+            after_training.disarm()
+            if name:  # staging_dir's folder, which the signal may have hit before it returned
+                shutil.rmtree(outputs.staging_path(Path(plan.output.models_dir), name), ignore_errors=True)
+            with faults.SignalGuard(log=log):  # a second signal aborts the save (which leaves no half folder)
+                path = save(state)
+            trackers.close(failed=True)
+            raise faults.interrupted(plan, state, path, stop.signum, overrides=opts.overrides) from None
+        except BaseException:
+            trackers.close(failed=True)  # the run shows as failed in W&B / MLflow, not as still running
+            raise
     trackers.summary(meta)
     if opts.register is not False:  # --no-register (and hafs tune's throwaway trials): no registry at all
         evaluated = ((evaluation or {}).get("after") or {}).get("val") or {}
@@ -177,9 +195,9 @@ def run(plan: TrainingConfig, opts: RunOptions, log=print) -> Path:
 
     # 7. Tell the user's registry, when asked.
     if opts.register or (opts.register is None and plan.output.registry):
-        from .user_registry import register_trained_model
+        from .user_registry import register_after_save
 
-        register_trained_model(plan, final, meta, log=log)
+        register_after_save(plan, final, meta, log=log)  # the model is saved: a failure here only warns
     ctx.broadcast_object(str(final))
     distributed.cleanup(ctx)
     return final

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .checkpoint import MANIFEST, checkpoint_step, latest_checkpoint, list_checkpoints, set_rng_state, verify
 from .errors import Problem, ResumeError
+from .keypaths import dotted, key_lines, nearest_line
 from .outputs import run_id, safe_component
 
 _RUN_TIME = r"-\d{8}-\d{6}(?:-\d+)?$"
@@ -27,7 +28,8 @@ RESUME_KEYS = (
     "sequence_length", "batch_size", "gradient_accumulation", "packing", "seed",
     "hardware.num_gpus", "hardware.num_nodes",
 )
-# Settings a user may change on resume (e.g. bf16 after an fp16 overflow, a longer run); noted.
+# Settings a user may change on resume (e.g. bf16 after an fp16 overflow, a longer run): they take
+# effect from the resumed step on (`restore` re-applies the optimizer's), and are recorded in metadata.json.
 NOTED_KEYS = ("preset", "learning_rate", "num_epochs", "max_steps", "lr_scheduler", "warmup_steps",
               "warmup_ratio", "weight_decay", "max_grad_norm", "precision", "gradient_checkpointing")
 
@@ -51,12 +53,14 @@ class ResumePoint:
     elapsed: float = 0.0
     """Training seconds already spent (added to the resumed run's duration)."""
     differences: list[str] = field(default_factory=list)
-    """Refused differences that --force overrode, as 'key: saved → now'."""
+    """Every setting that differs from the checkpoint's, as 'key: saved → now'."""
+    forced: list[str] = field(default_factory=list)
+    """Those of `differences` that are refused unless --force, which overrode them."""
 
     def to_metadata(self) -> dict:
         """The `resume` entry of metadata.json."""
-        return {"from_checkpoint": str(self.path), "from_step": self.step, "forced": bool(self.differences),
-                "differences": list(self.differences)}
+        return {"from_checkpoint": str(self.path), "from_step": self.step, "forced": bool(self.forced),
+                "differences": list(self.differences), "forced_differences": list(self.forced)}
 
 
 def find_resume(plan, spec: str, *, force: bool = False, log=print,
@@ -64,10 +68,12 @@ def find_resume(plan, spec: str, *, force: bool = False, log=print,
     """The checkpoint `--resume spec` means, checked against `plan`.
 
     spec "auto": the newest verified checkpoint of the newest run of the same preset under
-    `[output] checkpoints_dir`; when there is none, a notice and None (the run starts fresh, so
-    scripts may always pass `--resume auto`). Any other spec is a checkpoint or run folder; a
-    missing or broken one raises ResumeError. A checkpoint made with other settings (RESUME_KEYS,
-    the train split's hash) raises ResumeError listing them, unless `force`.
+    `[output] checkpoints_dir`; when there is none, or that run already saved its model (it is
+    finished, not interrupted), a notice and None: the run starts fresh, so scripts may always pass
+    `--resume auto`. Any other spec is a checkpoint or run folder; a missing or broken one raises
+    ResumeError. A checkpoint made with other settings (RESUME_KEYS, the train split's hash) raises
+    ResumeError listing them, unless `force`; other changed settings (NOTED_KEYS) are noted.
+    With `max_steps` set, a checkpoint at or past it is refused here (see `check_total_steps`).
     """
     if spec == "auto":
         path = _auto_checkpoint(plan, log)
@@ -75,11 +81,22 @@ def find_resume(plan, spec: str, *, force: bool = False, log=print,
             log(f"No checkpoint of preset '{plan.preset}' under {plan.output.checkpoints_dir}: "
                 "starting from scratch.")
             return None
+        if isinstance(path, _Finished):
+            log(f"The newest run of preset '{plan.preset}' ({path.run_dir}) already finished: its model is "
+                f"{path.model}. Nothing to resume: starting a new run from scratch (to train that run further, "
+                f"raise num_epochs or max_steps and pass --resume {path.run_dir}).")
+            return None
     else:
         path = _explicit_checkpoint(Path(spec).expanduser(), log)
     point = load_point(path)
     newest = latest_checkpoint(point.run_dir, log=lambda m: None)
-    if newest != path:
+    model = finished_runs(plan.output.models_dir).get(point.run_dir.name)
+    if model is not None:
+        # Continuing a finished run is a new run: its own folder, so `auto` can later find it unfinished.
+        point.run_dir = Path(plan.output.checkpoints_dir) / run_id(plan)
+        log(f"note: {path.parent.name} already finished (model {model}); the resumed run writes to "
+            f"{point.run_dir} and saves a new model")
+    elif newest != path:
         # Going back to an older step: continue in a new run folder so the later checkpoints survive.
         point.run_dir = Path(plan.output.checkpoints_dir) / run_id(plan)
         log(f"note: {path.name} is not the newest checkpoint of {path.parent.name}; "
@@ -94,23 +111,97 @@ def find_resume(plan, spec: str, *, force: bool = False, log=print,
     if refused:
         log("warning: resuming despite changed settings (--force): " + "; ".join(refused))
     if noted:
-        log("note: resuming with changed settings: " + "; ".join(noted))
-    point.differences = refused
+        log("note: resuming with changed settings (they apply from the resumed step on): " + "; ".join(noted))
+    point.differences, point.forced = refused + noted, refused
+    if plan.max_steps:  # the total is known before the model loads: fail before loading it
+        check_total_steps(point, plan.max_steps, plan)
     return point
 
 
-def _auto_checkpoint(plan, log) -> Path | None:
+def check_total_steps(point: ResumePoint, total_steps: int, plan) -> None:
+    """Refuse a checkpoint that the run as now configured would not train from.
+
+    A checkpoint past `total_steps`, or at it when the total changed, holds more training than the
+    run asks for: resuming would save it under settings it was not trained with. One exactly at an
+    unchanged total was saved after training ended (interrupted during the final evaluation or save):
+    resuming it only evaluates and saves the model.
+    """
+    saved_total = point.state.get("total_steps")
+    if point.step < total_steps or (point.step == total_steps and saved_total == total_steps):
+        return
+    name = "max_steps" if plan.max_steps else "num_epochs"
+    now = f"max_steps = {plan.max_steps}" if plan.max_steps else f"num_epochs = {plan.num_epochs:g}"
+    keypath = ["hyperparameters", getattr(plan, "hyperparameters_name", "") or "default", name]
+    file, line = _located(plan, keypath)
+    raise ResumeError([Problem(
+        f"the checkpoint was saved after {point.step} optimizer steps, but this run ({now}) takes "
+        f"{total_steps} in all" + (f" (the checkpoint's run took {saved_total})" if saved_total else ""),
+        key=dotted(keypath), file=file, line=line,
+        hint=f"resume with {name} giving more than {point.step} steps (--set {name}=...), or start a new run "
+             "without --resume")],
+        title=f"Cannot resume from {point.path}: it is at or past the end of this run:")
+
+
+def _located(plan, keypath) -> tuple[str, int | None]:
+    """The plan's config file and the line of `keypath` in it (its table's line when the key is absent)."""
+    path = getattr(plan, "config_path", "") or ""
+    if not path or path.startswith("<"):
+        return "", None
+    try:
+        return path, nearest_line(key_lines(Path(path).read_text()), keypath)
+    except Exception:  # noqa: BLE001 - the line is a nicety; the error must still come out
+        return path, None
+
+
+@dataclass
+class _Finished:
+    """The newest run of a preset saved its model: `auto` has nothing to continue."""
+
+    run_dir: Path
+    model: str
+
+
+def _auto_checkpoint(plan, log) -> Path | _Finished | None:
     root = Path(plan.output.checkpoints_dir)
     if not root.is_dir():
         return None
     pattern = re.compile(re.escape(safe_component(plan.preset)) + _RUN_TIME)
     runs = sorted((p for p in root.iterdir() if p.is_dir() and pattern.match(p.name)),
                   key=lambda p: _run_sort_key(p.name), reverse=True)
+    finished = finished_runs(plan.output.models_dir) if runs else {}
     for run in runs:
+        model = finished.get(run.name)
+        if model is not None:
+            # An older unfinished run was abandoned before this one finished: continuing it now
+            # would surprise more than starting afresh.
+            return _Finished(run, model)
         path = latest_checkpoint(run, log=lambda m: log(f"warning: {m}"))
         if path is not None and _saved_preset(path) == plan.preset:
             return path
     return None
+
+
+def finished_runs(models_dir) -> dict[str, str]:
+    """{run folder name: model folder} of the runs that saved a model in `models_dir`.
+
+    A run is finished exactly when its model is: metadata.json, which names the run folder, is the
+    last file written before the model folder is renamed into place. Staging and broken folders
+    (no readable metadata.json) do not count, so their runs stay resumable.
+    """
+    out: dict[str, str] = {}
+    try:
+        models = [p for p in Path(models_dir).iterdir() if not p.name.startswith(".") and p.is_dir()]
+    except OSError:
+        return out
+    for model in models:
+        try:
+            meta = json.loads((model / "metadata.json").read_text())
+        except (OSError, ValueError):
+            continue
+        run = meta.get("run_dir") if isinstance(meta, dict) else None
+        if isinstance(run, str) and run:
+            out.setdefault(Path(run).name, str(model))
+    return out
 
 
 def _run_sort_key(name: str) -> tuple:
@@ -200,7 +291,9 @@ def restore(point: ResumePoint, *, model, optimizer, scheduler, scaler=None, sta
     """Load weights, optimizer, scheduler, scaler and RNG from `point`; returns its TrainState.
 
     Call after the model, optimizer and scheduler are built (building them consumes randomness)
-    and right before training: the generators are restored last.
+    and right before training: the generators are restored last. The checkpoint supplies the
+    optimizer's moments and the schedule's position; the hyperparameters (learning rate, weight
+    decay, schedule shape) stay those the optimizer and scheduler were built with from the plan.
     """
     import torch
     from safetensors.torch import load_file
@@ -229,13 +322,43 @@ def restore(point: ResumePoint, *, model, optimizer, scheduler, scaler=None, sta
         except Exception as exc:  # noqa: BLE001 - unpickling refused or broken: a bad checkpoint
             raise ResumeError([Problem(f"cannot load {name}: {exc}", file=str(point.path))]) from None
 
+    # load_state_dict would bring back the saved learning rate and weight decay too, silently
+    # ignoring a changed one that the plan (and metadata.json) then claims was used.
+    planned = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    planned_base = list(getattr(scheduler, "base_lrs", []) or [])
     optimizer.load_state_dict(load("optimizer.pt"))
     if scheduler is not None and (point.path / "scheduler.pt").exists():
         scheduler.load_state_dict(load("scheduler.pt"))
+    _apply_planned_hyperparameters(optimizer, scheduler, planned, planned_base)
     if scaler is not None and (point.path / "scaler.pt").exists():
         scaler.load_state_dict(load("scaler.pt"))
     set_rng_state(load("rng.pt"))
     if state_cls is None:
         from .engine import TrainState as state_cls
     return state_cls.from_dict(point.state)
+
+
+def _apply_planned_hyperparameters(optimizer, scheduler, planned: list[dict], planned_base: list) -> None:
+    """Put the plan's hyperparameters back after loading a checkpoint's optimizer and scheduler state.
+
+    The learning rate becomes the plan's schedule at the restored step: for an unchanged plan that is
+    the very value the checkpoint held (same expression), so an exact resume stays exact.
+    """
+    if len(planned) != len(optimizer.param_groups):
+        return  # another grouping: restore() has already refused other trainable weights
+    for group, fresh in zip(optimizer.param_groups, planned):
+        for key, value in fresh.items():
+            if key != "lr":
+                group[key] = value
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    if scheduler is None or not planned_base:
+        for group, fresh in zip(optimizer.param_groups, planned):
+            group["lr"] = fresh["lr"]
+        return
+    scheduler.base_lrs = list(planned_base)
+    if lambdas is not None and len(lambdas) == len(planned_base):
+        lrs = [base * fn(scheduler.last_epoch) for fn, base in zip(lambdas, planned_base)]
+        for group, lr in zip(optimizer.param_groups, lrs):
+            group["lr"] = lr
+        scheduler._last_lr = list(lrs)
 

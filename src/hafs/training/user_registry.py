@@ -16,7 +16,7 @@ import re
 import tomllib
 from pathlib import Path
 
-from .errors import ConfigError, Problem, TrainingError
+from .errors import ConfigError, HafsError, Problem, TrainingError
 
 DEFAULT_REGISTRY = "~/.context/models/registry.toml"
 """Where the user keeps it; used by `--register` when `[output] registry` is not set."""
@@ -87,6 +87,57 @@ def update_registry(registry_path: Path, *, expert_name: str, entry: dict, defau
         path.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write_text(path, new_text)
     log(f"Registry {path}: {action} models.{expert_name}")
+
+
+def registry_problems(registry_path: Path, expert_name: str) -> list[Problem]:
+    """What would make update_registry refuse this file, found before training instead of after it.
+
+    A file that does not exist is fine (it will be created). The file can still change during the
+    run, so the update after saving is checked again (see register_after_save).
+    """
+    path = _target(Path(registry_path).expanduser())
+    try:
+        text = _read(path)
+        if text is None:
+            return []
+        _parse(text, path)
+    except ConfigError as exc:
+        return [_with_preflight_hint(p) for p in exc.problems]
+    models = tomllib.loads(text).get("models")
+    if models is not None and not isinstance(models, dict):
+        return [Problem("'models' must be a table of [models.<name>] entries", key="models", file=str(path),
+                        line=_line_of(text, "models"), hint="fix the file, or set [output] registry to another file")]
+    if isinstance(models, dict) and expert_name in models and not isinstance(models[expert_name], dict):
+        return [Problem(f"models.{expert_name} is not a table", key=f"models.{expert_name}", file=str(path),
+                        line=_line_of(text, f"models.{expert_name}") or _line_of(text, expert_name),
+                        hint="fix the file, or set [output] registry to another file")]
+    return []
+
+
+def _with_preflight_hint(problem: Problem) -> Problem:
+    hint = problem.hint.replace("hafs left the file untouched", "").strip("; ")
+    extra = "or set [output] registry to another file (--no-register skips the registry)"
+    return Problem(problem.message, key=problem.key, file=problem.file, line=problem.line,
+                   hint=f"{hint}, {extra}" if hint else extra)
+
+
+def register_after_save(plan, model_dir: Path, meta: dict | None = None, *, registry: str | None = None,
+                        log=print) -> Path | None:
+    """register_trained_model for a model already saved: a failure is a warning, never an error.
+
+    The model is on disk by now; raising would hide its path from the user (and the caller), and under
+    torchrun leave the other workers waiting for it. The registry was checked before training, so
+    this only fires when it changed during the run.
+    """
+    try:
+        return register_trained_model(plan, model_dir, meta, registry=registry, log=log)
+    except HafsError as exc:
+        detail = exc.render().replace("\n", "\n  ")
+        log(f"warning: the model registry was not updated (the model is saved in {model_dir}):\n  {detail}")
+    except Exception as exc:  # a bug in hafs, but the saved model still must be reported
+        log(f"warning: the model registry was not updated (the model is saved in {model_dir}): "
+            f"internal error (a bug in hafs): {type(exc).__name__}: {exc}")
+    return None
 
 
 def registered_experts(registry_path: Path) -> dict[str, dict]:
@@ -192,10 +243,12 @@ def _strict_parse(text: str, path: Path, title: str = "Model registry not update
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        found = re.search(r"\(at line (\d+), column \d+\)", str(exc))
+        found = re.search(r"\(at (?:line (\d+), column \d+|end of document)\)", str(exc))
         message = str(exc)[:found.start()].strip() if found else str(exc)
-        raise ConfigError([Problem(f"cannot parse the model registry: {message}", file=str(path),
-                                   line=int(found.group(1)) if found else None,
+        line = None
+        if found:  # an unfinished last value is reported at the end of the document: its last line
+            line = int(found.group(1)) if found.group(1) else max(1, len(text.splitlines()))
+        raise ConfigError([Problem(f"cannot parse the model registry: {message}", file=str(path), line=line,
                                    hint="fix the TOML syntax; hafs left the file untouched")],
                           title=title) from None
 

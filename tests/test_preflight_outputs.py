@@ -1,0 +1,158 @@
+"""Output folders and the model registry are checked before training: a run never trains only to lose its model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hafs.training.loader import load_config
+from hafs.training.plan import resolve
+from hafs.training.preflight import output_problems, registry_problems
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = REPO / "scripts" / "train.py"
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch) -> Path:
+    """The user's layout: cfg/training.toml (shipped), ../data/demo, outputs beside it; a valid registry."""
+    monkeypatch.setenv("HAFS_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "demo").symlink_to(REPO / "data" / "demo")
+    text = (REPO / "config" / "training.toml").read_text()
+    assert '# registry = "' in text
+    text = text.replace('# registry = "', 'registry = "reg.toml"  # was: "', 1)
+    (tmp_path / "cfg" / "training.toml").write_text(text)
+    (tmp_path / "cfg" / "reg.toml").write_text("[metadata]\nschema_version = 1\n")
+    return tmp_path
+
+
+def _plan(project: Path, *overrides: str):
+    return resolve(load_config(project / "cfg" / "training.toml"), "demo", list(overrides))
+
+
+def _cli(project: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HAFS_CACHE_DIR": str(project / "cache")}
+    return subprocess.run([sys.executable, str(TRAIN), "--config", str(project / "cfg" / "training.toml"), "demo",
+                           *args], capture_output=True, text=True, env=env, cwd=project, timeout=300)
+
+
+def test_models_dir_that_is_a_file_stops_dry_run_and_training_before_the_model_loads(project):
+    blocker = project / "models"
+    blocker.write_text("the user's notes\n")
+    for args in (["--dry-run"], ["--no-eval", "--set", "max_steps=1"]):
+        out = _cli(project, *args)
+        text = out.stdout + out.stderr
+        assert out.returncode == 2, text
+        assert "output.models_dir" in text and f"{blocker} is a file, not a folder" in text, text
+        assert "hint: set output.models_dir to a folder" in text
+        assert "Ready to train" not in text and "Internal error" not in text and "Traceback" not in text
+        assert "step 1/" not in text  # refused before training
+    assert blocker.read_text() == "the user's notes\n"
+
+
+@pytest.mark.parametrize("key", ["models_dir", "checkpoints_dir"])
+def test_output_dir_under_a_file_names_the_key_and_the_file(project, key):
+    blocker = project / "blocker"
+    blocker.write_text("x")
+    problems = output_problems(_plan(project, f"output.{key}={blocker / 'a' / 'b'}"))
+    assert [p.key for p in problems] == [f"output.{key}"]
+    assert f"{blocker} (a parent of {blocker / 'a' / 'b'}) is a file, not a folder" in problems[0].message
+    assert problems[0].file == str(project / "cfg" / "training.toml") and problems[0].hint
+
+
+def test_logs_dir_is_checked_when_a_tracker_writes_there(project):
+    blocker = project / "logs-file"
+    blocker.write_text("x")
+    plan = _plan(project, f"output.logs_dir={blocker}")
+    assert output_problems(plan) == []  # no tracker: nothing is written there
+    plan.report_to = ["tensorboard"]
+    assert [p.key for p in output_problems(plan)] == ["output.logs_dir"]
+
+
+def test_broken_symlink_as_output_dir_is_reported(project):
+    (project / "dangling").symlink_to(project / "nowhere")
+    problems = output_problems(_plan(project, f"output.checkpoints_dir={project / 'dangling'}"))
+    assert [p.key for p in problems] == ["output.checkpoints_dir"]
+    assert "broken symbolic link" in problems[0].message
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root may write anywhere")
+def test_unwritable_parent_is_reported(project):
+    locked = project / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        problems = output_problems(_plan(project, f"output.models_dir={locked / 'models'}"))
+    finally:
+        locked.chmod(0o755)
+    assert [p.key for p in problems] == ["output.models_dir"] and "not writable" in problems[0].message
+
+
+def test_folders_still_to_create_pass_and_the_check_creates_nothing(project):
+    target = project / "new" / "deeper"
+    plan = _plan(project, f"output.models_dir={target}", f"output.checkpoints_dir={target}")
+    plan.report_to = ["tensorboard"]
+    assert output_problems(plan) == [] and registry_problems(plan) == []
+    assert not (project / "new").exists()
+
+
+def test_unparsable_registry_is_reported_by_the_dry_run_with_its_line(project):
+    registry = project / "cfg" / "reg.toml"
+    broken = "[metadata]\nschema_version = 1\n\n[models.demo-asm\nrole = 'asm'\n"
+    registry.write_text(broken)
+    out = _cli(project, "--dry-run")
+    text = out.stdout + out.stderr
+    assert out.returncode == 2, text
+    assert f"{registry}:4: cannot parse the model registry" in text and "Ready to train" not in text
+    assert registry.read_text() == broken
+
+
+def test_registry_checks_follow_the_register_option(project):
+    registry = project / "cfg" / "reg.toml"
+    registry.write_text("models = 3\n")
+    plan = _plan(project)
+    problems = registry_problems(plan)
+    assert problems and problems[0].file == str(registry) and problems[0].line == 1
+    assert registry_problems(plan, register=False) == []  # --no-register: the file is not touched
+    registry.unlink()
+    assert registry_problems(plan) == []  # a missing registry is created after training
+
+
+def test_registry_broken_after_the_check_only_warns_and_the_model_path_is_printed(project, monkeypatch, capsys):
+    from hafs.training import cli, model_loading
+
+    registry = project / "cfg" / "reg.toml"
+    save = model_loading.save_adapter
+
+    def save_then_break_registry(*args, **kwargs):  # the user edits the registry while the run trains
+        save(*args, **kwargs)
+        registry.write_text("[models\n")
+
+    monkeypatch.setattr(model_loading, "save_adapter", save_then_break_registry)
+    code = cli.train_script_main(["--config", str(project / "cfg" / "training.toml"), "demo", "--no-eval",
+                                  "--set", "max_steps=1"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    saved = [line for line in out.out.splitlines() if line.startswith("Model saved to: ")]
+    assert saved and (Path(saved[0].split(": ", 1)[1]) / "metadata.json").is_file()
+    assert "warning: the model registry was not updated" in out.out and f"{registry}:1" in out.out
+    assert registry.read_text() == "[models\n"
+
+
+def test_models_dir_replaced_by_a_file_during_the_run_is_a_clear_error(tmp_path):
+    from hafs.training.errors import TrainingError
+    from hafs.training.outputs import staging_dir
+
+    blocker = tmp_path / "models"
+    blocker.write_text("x")
+    with pytest.raises(TrainingError, match="a file is in the way of a folder"):
+        staging_dir(blocker, "m")
+    with pytest.raises(TrainingError, match="part of the path is a file"):
+        staging_dir(blocker / "sub", "m")
+    assert blocker.read_text() == "x"
