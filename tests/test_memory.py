@@ -488,9 +488,12 @@ def test_a_hub_model_that_cannot_be_downloaded_is_said_before_the_run(tmp_path, 
     from hafs.training.dryrun import dry_run
 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(model_config, "_hub_reachable", lambda timeout=2.0: False)
     problem = model_config.hub_download_problem("Qwen/Qwen2.5-Coder-1.5B", "experts.x.base_model")
     assert problem is not None and "cannot be reached" in problem.message and problem.key == "experts.x.base_model"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the reason given is the one that applies
+    assert "HF_HUB_OFFLINE is set" in model_config.hub_download_problem("Qwen/Qwen2.5-Coder-1.5B", "k").message
     assert model_config.hub_download_problem("hafs-demo/tiny-qwen2", "k") is None
     assert model_config.hub_download_problem(str(tmp_path), "k") is None  # a local folder
     report = dry_run(cfg, "demo", ["expert.base_model=Qwen/Qwen2.5-Coder-1.5B"])
