@@ -111,6 +111,8 @@ def test_unparsable_registry_is_reported_by_the_dry_run_with_its_line(project):
     assert out.returncode == 2, text
     assert f"{registry}:4: cannot parse the model registry" in text and "Ready to train" not in text
     assert registry.read_text() == broken
+    out = _cli(project, "--dry-run", "--no-register")  # the run would not touch the registry: neither does its check
+    assert out.returncode == 0 and "cannot parse" not in out.stdout + out.stderr, out.stdout + out.stderr
 
 
 def test_registry_checks_follow_the_register_option(project):

@@ -260,7 +260,8 @@ def cmd_show(args) -> int:
     from .dryrun import dry_run
 
     cfg = _load(args)
-    report = dry_run(cfg, args.preset, _overrides(args), force=getattr(args, "force", False))
+    report = dry_run(cfg, args.preset, _overrides(args), force=getattr(args, "force", False),
+                     register=getattr(args, "register", None))
     print(json.dumps(report.to_dict(), indent=2, default=str) if args.json else report.render())
     if report.plan.world_size() > 1 and not args.json:
         from .distributed import describe_launch

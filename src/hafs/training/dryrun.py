@@ -75,7 +75,8 @@ class DryRunReport:
         return "\n".join(lines)
 
 
-def dry_run(cfg: TrainingFile, preset: str, overrides=None, *, force: bool = False, caps=None) -> DryRunReport:
+def dry_run(cfg: TrainingFile, preset: str, overrides=None, *, force: bool = False, caps=None,
+            register: bool | None = None) -> DryRunReport:
     """Resolve `preset` and gather every figure and problem without loading model weights."""
     from .precision import run_settings
 
@@ -87,7 +88,7 @@ def dry_run(cfg: TrainingFile, preset: str, overrides=None, *, force: bool = Fal
                                          + (f" x {world} workers)" if world > 1 else ")"))
     report.numbers["max tokens per step"] = plan.max_tokens_per_step(world)
     caps = caps or _detect()
-    _preflight(plan, report, caps)
+    _preflight(plan, report, caps, register)
     lengths = _dataset(plan, report)
     tokens = _steps(plan, report, lengths) if lengths is not None else None
     settings = run_settings(plan, caps)  # what the run would settle on this machine, for memory and time alike
@@ -103,10 +104,10 @@ def _detect():
     return detect()
 
 
-def _preflight(plan, report, caps) -> None:
+def _preflight(plan, report, caps, register: bool | None = None) -> None:
     from .preflight import preflight
 
-    result = preflight(plan, caps, hub=True)
+    result = preflight(plan, caps, hub=True, register=register)  # as the run would (--no-register: no registry)
     report.problems += result.problems
     report.notes += result.notes
 
