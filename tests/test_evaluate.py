@@ -300,7 +300,7 @@ def test_hafs_eval_reruns_on_a_model_dir_and_updates_metadata(tmp_path, tmp_path
     assert not [p for p in model_dir.iterdir() if p.name.startswith(".")]  # no temp files left
 
 
-def test_hafs_eval_on_another_dataset_of_the_config(tmp_path, tmp_path_factory, capsys):
+def test_hafs_eval_on_another_dataset_of_the_config(tmp_path, tmp_path_factory, capsys, monkeypatch):
     model_dir, plan, _, _ = trained_model_dir(tmp_path, tmp_path_factory)
     other = write_dataset(tmp_path / "other", val=2, test=0)
     config = tmp_path / "training.toml"
@@ -312,8 +312,14 @@ def test_hafs_eval_on_another_dataset_of_the_config(tmp_path, tmp_path_factory, 
     assert meta["evaluation"]["reruns"]["other"]["after"]["val"]["examples"] == 2
     assert meta["evaluation"]["reruns"]["other"]["after"]["test"] is None
 
+    import hafs.training.generate as generate
+
+    loads = []
+    original = generate.load_trained_model
+    monkeypatch.setattr(generate, "load_trained_model", lambda *a, **k: loads.append(a) or original(*a, **k))
     with pytest.raises(ConfigError, match="did you mean 'other'"):
         ev.cmd_eval(_eval_args(model_dir, dataset="othr", config=str(config)))
+    assert loads == []  # refused before the model was loaded
 
 
 def test_hafs_eval_on_a_folder_that_is_not_a_model(tmp_path):

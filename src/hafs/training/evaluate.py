@@ -336,12 +336,12 @@ def evaluate_dir(model_dir: Path, *, dataset: str | None = None, config_path: st
     the training-time results stay as they were. Returns {"base": ..., "model": ..., "comparison": ...}.
     """
     from . import data
-    from .generate import load_trained_model
+    from .generate import load_trained_model, model_plan
     from .outputs import atomic_write_json, read_metadata
 
     model_dir = Path(model_dir)
-    model, tokenizer, plan, meta, settings = load_trained_model(model_dir, log=log)
-    plan = plan_for_dataset(plan, dataset, config_path)
+    plan = plan_for_dataset(model_plan(model_dir)[1], dataset, config_path)  # a wrong --dataset: before loading
+    model, tokenizer, _, meta, settings = load_trained_model(model_dir, log=log)
     splits = {name: data.read_split(plan, name) for name in EVAL_SPLITS}
     if all(s is None for s in splits.values()):
         raise ConfigError([Problem(f"dataset '{plan.dataset_name}' has no val or test split to evaluate on",
