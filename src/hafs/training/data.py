@@ -150,8 +150,8 @@ def read_split(plan, split: str) -> RawSplit | None:
                 f"{plan.dataset.train_split}" if where.is_file()
                 else f"{key}.path resolves to {where}, which does not exist" if not where.is_dir()
                 else f"{where} has no {plan.dataset.train_split}; check {key}.path and {key}.train_split")
-        config = plan.config_path if plan.config_path and not plan.config_path.startswith("<") else ""
-        raise DatasetError([Problem(f"train split not found: {path}", file=config, key=f"{key}.path", hint=hint)])
+        raise DatasetError([Problem(f"train split not found: {path}", file=plan.config_file(), key=f"{key}.path",
+                                    hint=hint)])
 
     stats = SplitStats(split=split, path=str(path), quality_threshold=plan.dataset.quality_threshold)
     threshold = plan.dataset.quality_threshold

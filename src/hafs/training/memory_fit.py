@@ -34,7 +34,7 @@ def over_limit_problem(estimate: MemoryEstimate, plan, available_memory_gb: floa
                    f"GiB, {plan.hardware_name} has {gib(budget)} GiB (sequence_length {plan.sequence_length}, "
                    f"batch_size {plan.batch_size}, {estimate.settings.get('precision')})",
                    key=f"presets.{plan.preset}",
-                   file=plan.config_path if not plan.config_path.startswith("<") else "", hint=hint)
+                   file=plan.config_file(), hint=hint)
 
 
 def fit_suggestions(model_config: dict, *, available_memory_gb: float, sequence_length: int, batch_size: int,

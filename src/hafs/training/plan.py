@@ -133,6 +133,10 @@ class TrainingConfig:
         steps = self.warmup_steps or int(self.warmup_ratio * total_steps)
         return min(steps, total_steps)
 
+    def config_file(self) -> str:
+        """config_path for messages; '' for a config not read from a file ('<string>'): nothing to point at."""
+        return self.config_path if self.config_path and not self.config_path.startswith("<") else ""
+
     def world_size(self) -> int:
         """Workers the profile asks for."""
         return self.hardware.num_gpus * self.hardware.num_nodes

@@ -131,7 +131,7 @@ def preflight(plan, caps: Capabilities, cfg=None, *, suggest: bool = True, paths
             alt = "" if not suggest else (f"presets that fit this machine: {', '.join(fitting)}" if fitting else
                    "no preset fits this machine; `--detect` prints a hardware profile for it")
             problems.append(Problem(f"Hardware {hw.name} is unsupported: {why}", key=f"hardware.{plan.hardware_name}",
-                                    file=plan.config_path if not plan.config_path.startswith("<") else "",
+                                    file=plan.config_file(),
                                     line=line, hint="; or ".join(h for h in (hint, alt) if h)))
     if paths:
         problems += output_problems(plan) + registry_problems(plan, register)
@@ -153,13 +153,13 @@ OUTPUT_DIRS = (("models_dir", "the trained model"), ("checkpoints_dir", "checkpo
 def output_problems(plan) -> list[Problem]:
     """An output folder that cannot be created or written, as a Problem naming its `output.*` key."""
     problems = []
-    config = plan.config_path if plan.config_path and not plan.config_path.startswith("<") else ""
     for key, what in OUTPUT_DIRS:
         if key == "logs_dir" and not plan.report_to:
             continue  # only trackers write there
         why = folder_problem(Path(getattr(plan.output, key)))
         if why:
-            problems.append(Problem(f"{why}: {what} cannot be saved there", key=f"output.{key}", file=config,
+            problems.append(Problem(f"{why}: {what} cannot be saved there", key=f"output.{key}",
+                                    file=plan.config_file(),
                                     hint=f"set output.{key} to a folder hafs can create or write to "
                                          f"(in [output] or with --set output.{key}=PATH)"))
     return problems
@@ -193,16 +193,15 @@ def registry_problems(plan, register: bool | None = None) -> list[Problem]:
     problems = user_registry.registry_problems(path, plan.expert_name)
     why = folder_problem(path.parent)
     if why:
-        config = plan.config_path if plan.config_path and not plan.config_path.startswith("<") else ""
         problems.append(Problem(f"{why}: the model registry cannot be updated there", key="output.registry",
-                                file=config, hint="set output.registry to a file in a writable folder, "
+                                file=plan.config_file(), hint="set output.registry to a file in a writable folder, "
                                                      "or pass --no-register"))
     return problems
 
 
 def _config_of(plan):
     """The TrainingFile the plan was resolved from (for lines and other presets), None if unreadable now."""
-    if not plan.config_path or plan.config_path.startswith("<"):
+    if not plan.config_file():
         return None
     from .loader import load_config
 
