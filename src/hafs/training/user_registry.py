@@ -52,13 +52,12 @@ def update_registry(registry_path: Path, *, expert_name: str, entry: dict, defau
         import tomlkit
 
         models = doc.get("models")
+        wrong = _shape_problems(models, text, path, expert_name)
+        if wrong:
+            raise ConfigError(wrong)
         if models is None:
             models = tomlkit.table(is_super_table=True)
             doc["models"] = models
-        elif not isinstance(models, dict):
-            raise ConfigError([Problem("'models' must be a table of [models.<name>] entries",
-                                       key="models", file=str(path), line=_line_of(text, "models"),
-                                       hint="fix the file; hafs left it untouched")])
         values = {k: _plain(v) for k, v in entry.items() if v is not None}
         current = models.get(expert_name)
         if current is None:
@@ -70,13 +69,10 @@ def update_registry(registry_path: Path, *, expert_name: str, entry: dict, defau
             table.add(tomlkit.nl())  # the blank line between tables the user's file has
             models[expert_name] = table
             action = "added"
-        elif isinstance(current, dict):
+        else:  # a table: _shape_problems said so
             for key, value in values.items():
                 current[key] = value
             action = "updated"
-        else:
-            raise ConfigError([Problem(f"models.{expert_name} is not a table", key=f"models.{expert_name}",
-                                       file=str(path), hint="fix the file; hafs left it untouched")])
         new_text = tomlkit.dumps(doc)
         if original is not None and not original.endswith("\n\n") and new_text.endswith("\n\n"):
             new_text = new_text.rstrip("\n") + "\n"
@@ -103,14 +99,21 @@ def registry_problems(registry_path: Path, expert_name: str) -> list[Problem]:
         _parse(text, path)
     except ConfigError as exc:
         return [_with_preflight_hint(p) for p in exc.problems]
-    models = tomllib.loads(text).get("models")
+    return [_with_preflight_hint(p) for p in _shape_problems(tomllib.loads(text).get("models"), text, path,
+                                                               expert_name)]
+
+
+def _shape_problems(models, text: str, path: Path, expert_name: str) -> list[Problem]:
+    """A `models` value (the parsed file's) that update_registry cannot write `[models.<expert_name>]` into:
+    one rule for the update itself and for the check before training (registry_problems)."""
     if models is not None and not isinstance(models, dict):
         return [Problem("'models' must be a table of [models.<name>] entries", key="models", file=str(path),
-                        line=_line_of(text, "models"), hint="fix the file, or set [output] registry to another file")]
-    if isinstance(models, dict) and expert_name in models and not isinstance(models[expert_name], dict):
+                        line=_line_of(text, "models"), hint="fix the file; hafs left the file untouched")]
+    entry = models.get(expert_name) if isinstance(models, dict) else None
+    if entry is not None and not isinstance(entry, dict):
         return [Problem(f"models.{expert_name} is not a table", key=f"models.{expert_name}", file=str(path),
                         line=_line_of(text, f"models.{expert_name}") or _line_of(text, expert_name),
-                        hint="fix the file, or set [output] registry to another file")]
+                        hint="fix the file; hafs left the file untouched")]
     return []
 
 
