@@ -289,14 +289,22 @@ def test_progress_printer_plain_lines_and_terminal_line():
     assert term.getvalue().endswith("\n")
 
 
-def test_load_model_and_tokenizer_from_a_built_model(shipped, tmp_path_factory):
+def test_load_model_and_tokenizer_from_a_built_model(shipped, tmp_path_factory, capfd):
+    from transformers.utils import logging as hf_logging
+
     from hafs.training.demo import build_tiny_model
 
     model_dir = build_tiny_model(tmp_path_factory.mktemp("tiny"))
     plan = make_plan(shipped, **{"expert.base_model": str(model_dir), "precision": "bf16"})
     settings = run_settings(plan)
+    capfd.readouterr()
+    lines = []
     model, tok = model_loading.load_model_and_tokenizer(plan, settings.device, settings.precision, settings,
-                                                        log=lambda m: None)
+                                                        log=lines.append)
+    # One line of hafs's own instead of transformers' "Loading weights" bar; its other bars are left on.
+    assert "Loading weights" not in capfd.readouterr().err and hf_logging.is_progress_bar_enabled()
+    assert lines[0].startswith(f"Model: {model_dir} loaded in ") and lines[0].endswith(" s (bfloat16 weights)") \
+        or settings.precision != "bf16"
     assert tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id
     assert next(model.parameters()).dtype == (torch.bfloat16 if settings.precision == "bf16" else torch.float32)
     peft_model = model_loading.apply_lora(model, plan, settings)

@@ -7,6 +7,8 @@ opts in. `prepare_for_training` installs the leaner pieces from `kernels` that t
 
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from .attention import VARLEN_ATTENTION, register_varlen_attention
@@ -43,10 +45,12 @@ def load_model_and_tokenizer(plan, device: str, precision: str, settings: RunSet
         register_varlen_attention()
     dtype = getattr(torch, settings.weight_dtype if settings else DTYPES[precision])
     key = f"experts.{plan.expert_name}.base_model"
+    started = time.perf_counter()
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn,
-                                                     trust_remote_code=trust, use_safetensors=True)
+        with quiet_weight_loading():
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn,
+                                                         trust_remote_code=trust, use_safetensors=True)
     except OSError as exc:
         raise ConfigError([Problem(f"cannot load '{plan.expert.base_model}': {_first_line(exc)}", key=key,
                                    hint="a local model directory with config.json and *.safetensors weights, "
@@ -58,12 +62,42 @@ def load_model_and_tokenizer(plan, device: str, precision: str, settings: RunSet
                                        hint="set trust_remote_code = true only if you trust "
                                             "that repository")]) from None
         raise
+    seconds, weights = time.perf_counter() - started, str(dtype).removeprefix("torch.")
+    log(f"Model: {plan.expert.base_model} loaded in {seconds:.1f} s ({weights} weights)")
     note = ensure_pad_token(tokenizer, model)
     if note:
         log(note)
     model.config.use_cache = False  # training: packed examples must not share a KV cache
     model.to(device)
     return model, tokenizer
+
+
+@contextmanager
+def quiet_weight_loading():
+    """No "Loading weights" bar from transformers while the block runs; download bars stay.
+
+    transformers 5 draws that bar on every load, even of a 2 MB model, and in a log it is a line of
+    carriage returns; hafs prints one "Model: ... loaded in N s" line instead. Only transformers' own
+    bars are hidden (its tqdm hook): huggingface_hub's download bars, which a first hub load needs,
+    are untouched (`disable_progress_bar()` would hide those too). Older transformers have no hook.
+    """
+    from transformers.utils import logging as hf_logging
+
+    set_hook = getattr(hf_logging, "set_tqdm_hook", None)
+    if set_hook is None:
+        yield
+        return
+
+    def hook(factory, args, kwargs):
+        if kwargs.get("desc") == "Loading weights":
+            return hf_logging.EmptyTqdm(*args, **kwargs)
+        return previous(factory, args, kwargs) if previous else factory(*args, **kwargs)
+
+    previous = set_hook(hook)
+    try:
+        yield
+    finally:
+        set_hook(previous)
 
 
 def _first_line(exc: Exception) -> str:
