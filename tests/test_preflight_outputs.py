@@ -49,7 +49,8 @@ def test_models_dir_that_is_a_file_stops_dry_run_and_training_before_the_model_l
         out = _cli(project, *args)
         text = out.stdout + out.stderr
         assert out.returncode == 2, text
-        assert "output.models_dir" in text and f"{blocker} is a file, not a folder" in text, text
+        assert "output.models_dir" in text, text
+        assert f"{blocker} is a file, not a folder: the trained model cannot be saved there" in text, text
         assert "hint: set output.models_dir to a folder" in text
         assert "Ready to train" not in text and "Internal error" not in text and "Traceback" not in text
         assert "step 1/" not in text  # refused before training
@@ -79,19 +80,19 @@ def test_broken_symlink_as_output_dir_is_reported(project):
     (project / "dangling").symlink_to(project / "nowhere")
     problems = output_problems(_plan(project, f"output.checkpoints_dir={project / 'dangling'}"))
     assert [p.key for p in problems] == ["output.checkpoints_dir"]
-    assert "broken symbolic link" in problems[0].message
+    assert problems[0].message.startswith(f"{project / 'dangling'} is a broken symbolic link: checkpoints cannot")
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root may write anywhere")
-def test_unwritable_parent_is_reported(project):
+def test_unwritable_parent_is_reported(project, monkeypatch):
     locked = project / "locked"
     locked.mkdir()
-    locked.chmod(0o555)
-    try:
-        problems = output_problems(_plan(project, f"output.models_dir={locked / 'models'}"))
-    finally:
-        locked.chmod(0o755)
-    assert [p.key for p in problems] == ["output.models_dir"] and "not writable" in problems[0].message
+    # root ignores permission bits, so stand in for a read-only folder at the permission check itself
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == locked else real_access(p, mode))
+    problems = output_problems(_plan(project, f"output.models_dir={locked / 'models'}"))
+    assert [p.key for p in problems] == ["output.models_dir"]
+    assert problems[0].message == (f"{locked} is not writable by this user (so {locked / 'models'} cannot be "
+                                   f"created in it): the trained model cannot be saved there")
 
 
 def test_folders_still_to_create_pass_and_the_check_creates_nothing(project):
@@ -158,3 +159,32 @@ def test_models_dir_replaced_by_a_file_during_the_run_is_a_clear_error(tmp_path)
     with pytest.raises(TrainingError, match="part of the path is a file"):
         staging_dir(blocker / "sub", "m")
     assert blocker.read_text() == "x"
+
+
+@pytest.mark.parametrize("create", [False, True])
+def test_one_folder_check_names_the_path_and_what_is_wrong(tmp_path, monkeypatch, create):
+    """The output folders (preflight) and the cache (create=True) share one check and one wording."""
+    from hafs.training.outputs import folder_problem
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    locked, unreadable = tmp_path / "locked", tmp_path / "unreadable"
+    locked.mkdir()
+    unreadable.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access",
+                        lambda p, mode: False if Path(p) in (locked, unreadable) else real_access(p, mode))
+    long_name = tmp_path / ("x" * 300)
+    cases = {
+        afile: f"{afile} is a file, not a folder",
+        afile / "a" / "b": f"{afile} (a parent of {afile / 'a' / 'b'}) is a file, not a folder",
+        tmp_path / "dangling": f"{tmp_path / 'dangling'} is a broken symbolic link",
+        locked / "new": f"{locked} is not writable by this user (so {locked / 'new'} cannot be created in it)",
+        unreadable: f"{unreadable} is not readable and writable by this user",
+        long_name: f"{long_name} cannot be created: File name too long" if create else "",  # only mkdir knows
+        tmp_path / "new" / "deeper": "",
+    }
+    assert {folder: folder_problem(folder, create=create) for folder in cases} == cases
+    assert (tmp_path / "new" / "deeper").is_dir() == create  # without create, the check makes nothing
+    assert afile.read_text() == "x" and not (locked / "new").exists()

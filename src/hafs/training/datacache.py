@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import HafsError, Problem
+from .outputs import folder_problem
 
 STALE_TEMP_S = 3600
 """Temporary directories older than this were left by a crashed writer and are removed."""
@@ -48,24 +49,6 @@ def cache_dir() -> Path:
     return cache_root() / "data"
 
 
-def unusable_reason(folder: Path) -> str | None:
-    """Why `folder` cannot be created and written to, or None when it can (it is created)."""
-    # Name the actual culprit: mkdir's "Not a directory" does not say which component is a file.
-    for part in (folder, *folder.parents):
-        try:
-            if part.exists() and not part.is_dir():
-                return f"{part} is a file, not a folder"
-        except OSError:  # an unreadable parent: mkdir below says what is wrong
-            break
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        return f"cannot create {folder}: {exc.strerror or exc}"
-    if not os.access(folder, os.R_OK | os.W_OK | os.X_OK):
-        return f"{folder} is not readable and writable by this user"
-    return None
-
-
 def _fix_hint() -> str:
     if os.environ.get(ENV):
         return f"point {ENV} at a folder you can write to, or unset it to use ~/.cache/hafs"
@@ -78,7 +61,7 @@ def require_dir(sub: str) -> Path:
         folder = cache_root() / sub
     except RuntimeError as exc:  # expanduser() with no home directory
         raise CacheDirError([Problem(str(exc), key=ENV, hint=f"set {ENV} to a folder you can write to")]) from None
-    reason = unusable_reason(folder)
+    reason = folder_problem(folder, create=True)
     if reason:
         raise CacheDirError([Problem(reason, key=ENV, file=str(cache_root()), hint=_fix_hint())],
                             title="the hafs cache folder cannot be used")
@@ -92,8 +75,8 @@ def _usable_data_dir() -> Path | None:
     except RuntimeError as exc:  # expanduser() with no home directory
         reason, where = str(exc), "~/.cache/hafs"
     else:
-        reason, where = unusable_reason(root), str(root)
-        if reason is None:
+        reason, where = folder_problem(root, create=True), str(root)
+        if not reason:
             return root
     if where not in _warned:
         _warned.add(where)

@@ -1,4 +1,4 @@
-"""Where a run's results go: safe names, staged model directories, atomic files, metadata.json.
+"""Where a run's results go: safe names, writable folders, staged model directories, atomic files, metadata.json.
 
 A model directory only ever appears complete: it is written under a hidden staging name in the
 same folder and renamed into place after `metadata.json` (written last). An existing directory is
@@ -45,6 +45,43 @@ def run_id(plan, now: dt.datetime | None = None) -> str:
     """Identifier of one training run (checkpoint folder name): preset + timestamp."""
     now = now or dt.datetime.now()
     return f"{safe_component(plan.preset)}-{now.strftime('%Y%m%d-%H%M%S')}"
+
+
+def folder_problem(folder: Path, *, create: bool = False) -> str:
+    """Why hafs cannot write into `folder`, naming the path at fault; '' when it can.
+
+    The one check behind every "can this folder be written" question (output folders in preflight,
+    the data and demo-model cache), so each says the same thing about the same cause:
+
+    - `F is a file, not a folder` (or `a broken symbolic link`): the folder itself is in the way;
+    - `P (a parent of F) is a file, not a folder`: a parent is in the way;
+    - `P is not writable by this user (so F cannot be created in it)`: F does not exist yet;
+    - `F is not readable and writable by this user`: F exists, or was just created;
+    - `F cannot be created: <why>`: only with `create`, mkdir failed for another reason.
+
+    Without `create` nothing is made (preflight must leave no trace); with it, `folder` and its parents
+    are created. The caller adds what the folder is for and what happens now (an error or a warning).
+    os.path's predicates, not Path's: they answer False instead of raising on an unreadable parent.
+    """
+    folder = Path(os.path.abspath(folder))
+    for path in (folder, *folder.parents):
+        if os.path.isdir(path):
+            break
+        if os.path.lexists(path):  # a file, or a link to nothing: mkdir would fail on it; hafs never replaces it
+            kind = "a broken symbolic link" if os.path.islink(path) else "a file, not a folder"
+            return f"{path} is {kind}" if path == folder else f"{path} (a parent of {folder}) is {kind}"
+    if path != folder:  # `folder` is still to be made, inside `path`
+        if not os.access(path, os.W_OK | os.X_OK):
+            return f"{path} is not writable by this user (so {folder} cannot be created in it)"
+        if not create:
+            return ""
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            return f"{folder} cannot be created: {exc.strerror or exc}"
+    if not os.access(folder, os.R_OK | os.W_OK | os.X_OK):  # hafs reads back what it writes (resume, cache)
+        return f"{folder} is not readable and writable by this user"
+    return ""
 
 
 def staging_path(models_dir: Path, name: str) -> Path:

@@ -7,12 +7,12 @@ with fakes. Nothing here imports torch or transformers: pre-flight runs before t
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError, HardwareError, Problem
 from .hardware import CU128_HINT, DEVICE_ORDER, Capabilities, build_phrase, install_hint
+from .outputs import folder_problem
 
 
 @dataclass
@@ -163,24 +163,6 @@ def output_problems(plan) -> list[Problem]:
                                     hint=f"set output.{key} to a folder hafs can create or write to "
                                          f"(in [output] or with --set output.{key}=PATH)"))
     return problems
-
-
-def folder_problem(folder: Path) -> str:
-    """Why `folder` cannot be used for writing (created with its parents first), or ''.
-
-    os.path's predicates, not Path's: they answer False instead of raising on an unreadable parent.
-    """
-    folder = Path(os.path.abspath(folder))
-    for path in (folder, *folder.parents):
-        if os.path.isdir(path):
-            break
-        if os.path.lexists(path):  # a file, or a link to nothing: mkdir would fail on it
-            kind = "a broken symbolic link" if os.path.islink(path) else "a file, not a folder"
-            where = f"{path} is {kind}" if path == folder else f"{path} (a parent of {folder}) is {kind}"
-            return where + " (hafs will not replace it)"
-    if not os.access(path, os.W_OK | os.X_OK):
-        return f"{path} is not writable" + ("" if path == folder else f" (so {folder} cannot be created in it)")
-    return ""
 
 
 def registry_problems(plan, register: bool | None = None) -> list[Problem]:
