@@ -232,6 +232,25 @@ def test_every_scheduler_and_the_scaler_load_with_weights_only(tmp_path, plan, k
     assert torch.load(path / "scaler.pt", weights_only=True)["scale"] == 1024.0
 
 
+def test_the_evaluation_before_training_is_kept_and_old_checkpoints_load_without_it(tmp_path, plan):
+    model, opt, sched = build()
+    state = train(model, opt, sched, TinyState(), 1)
+    before = {"val": {"loss": 4.25, "perplexity": float("inf"), "tokens": 10, "examples": 2}, "test": None,
+              "generations": [{"split": "val", "prompt": "LDA", "reference": "é", "generated": "", "rouge_l": 0.0}],
+              "generation_scores": {"rouge_l": 0.0, "count": 1}, "skipped": {"test": "no test split"}}
+    path = save(tmp_path / "run", model, opt, sched, state, plan, evaluation_before=before)
+    assert resume.load_point(path).evaluation_before == before
+    assert resume.load_point(save(tmp_path / "other", model, opt, sched, state, plan)).evaluation_before is None
+
+    record = json.loads((path / "state.json").read_text())
+    del record["evaluation_before"]  # as an earlier hafs wrote state.json
+    (path / "state.json").write_text(json.dumps(record))
+    _refresh_manifest(path)
+    point = resume.load_point(path)
+    assert point.evaluation_before is None and point.step == 1
+    assert resume.restore(point, model=model, optimizer=opt, scheduler=sched, state_cls=TinyState).step == 1
+
+
 def test_restore_returns_the_engines_train_state(tmp_path, plan):
     engine = pytest.importorskip("hafs.training.engine")
     model, opt, sched = build()
@@ -360,6 +379,34 @@ def test_a_failed_write_leaves_previous_checkpoints_intact(three_checkpoints, pl
     assert sorted(p.name for p in three_checkpoints.iterdir()) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
     assert {p.name: p.read_bytes() for p in (three_checkpoints / "checkpoint-3").iterdir()} == before
     assert checkpoint.latest_checkpoint(three_checkpoints) == three_checkpoints / "checkpoint-3"
+
+
+@pytest.mark.parametrize("blocked", ["checkpoints_dir", "run folder"])
+def test_a_file_in_place_of_a_checkpoint_folder_is_named_in_the_error_and_left_alone(plan, blocked):
+    model, opt, sched = build()
+    run = _run_with_checkpoint(plan, model, opt, sched, 1, when=1).parent
+    victim = run.parent if blocked == "checkpoints_dir" else run
+    shutil.rmtree(victim)  # as when the user moves the folder away mid-run and something writes a file there
+    victim.write_text("not hafs's\n")
+    with pytest.raises(TrainingError) as info:
+        save(run, model, opt, sched, TinyState(step=2), plan)
+    text = info.value.render()
+    culprit = f"{victim} is a file" if victim == run else f"{victim} (a parent of {run}) is a file"
+    assert culprit in text and "cannot save checkpoint-2" in text and "checkpoints_dir" in text, text
+    assert victim.read_text() == "not hafs's\n"
+
+
+def test_rescue_dir_is_beside_checkpoints_dir_and_auto_resumes_from_it(plan):
+    model, opt, sched = build()
+    first = _run_with_checkpoint(plan, model, opt, sched, 2, when=1)
+    rescue = checkpoint.rescue_dir(first.parent)
+    assert rescue == checkpoint.Path(plan.output.checkpoints_dir + "-rescued") / first.parent.name
+    rescued = save(rescue, model, opt, sched, TinyState(step=4), plan, dataset_fingerprint="f" * 64)
+    # The namesake under checkpoints_dir holds the older steps: the rescued folder is where the run went on.
+    assert resume.find_resume(plan, "auto", log=lambda m: None).path == rescued
+    shutil.rmtree(first.parent.parent)
+    point = resume.find_resume(plan, "auto", log=lambda m: None)
+    assert point.path == rescued and point.run_dir == rescue
 
 
 def test_an_interrupt_during_save_leaves_no_partial_folder(tmp_path, plan, monkeypatch):

@@ -32,7 +32,7 @@ pytestmark = [pytest.mark.skipif(not recipe_ready(), reason="hafs.training.recip
               pytest.mark.slow]
 
 HYPERPARAMETERS = """
-max_steps = {max_steps}
+{length}
 learning_rate = 1e-3
 warmup_steps = 2
 lr_scheduler = "cosine"
@@ -43,15 +43,19 @@ seed = 5
 """
 
 
-def make_run(root: Path, model: Path, max_steps: int = MAX_STEPS) -> Path:
-    """A folder with its own training.toml (LoRA dropout > 0); returns the config path."""
+def make_run(root: Path, model: Path, max_steps: int = MAX_STEPS, num_epochs: float | None = None) -> Path:
+    """A folder with its own training.toml (LoRA dropout > 0); returns the config path.
+
+    With `num_epochs` the run's length is set by epochs instead of max_steps."""
+    length = f"num_epochs = {num_epochs}" if num_epochs is not None else f"max_steps = {max_steps}"
     return tiny_config(root, model, preset=PRESET, lora_dropout=0.2, gradient_accumulation=2,
-                       hyperparameters=HYPERPARAMETERS.format(max_steps=max_steps, save_steps=SAVE_STEPS),
+                       hyperparameters=HYPERPARAMETERS.format(length=length, save_steps=SAVE_STEPS),
                        hyperparameters_name="kill")
 
 
-def command(config: Path, *extra: str) -> list[str]:
-    return [sys.executable, str(REPO / "scripts" / "train.py"), PRESET, "--config", str(config), "--no-eval", *extra]
+def command(config: Path, *extra: str, evaluate: bool = False) -> list[str]:
+    return [sys.executable, str(REPO / "scripts" / "train.py"), PRESET, "--config", str(config),
+            *([] if evaluate else ["--no-eval"]), *extra]
 
 
 def env(slow_ms: int = 0) -> dict:
@@ -63,16 +67,16 @@ def env(slow_ms: int = 0) -> dict:
     return out
 
 
-def run(config: Path, *extra: str) -> subprocess.CompletedProcess:
-    done = subprocess.run(command(config, *extra), capture_output=True, text=True, timeout=TIMEOUT, env=env(),
-                          cwd=REPO)
+def run(config: Path, *extra: str, evaluate: bool = False) -> subprocess.CompletedProcess:
+    done = subprocess.run(command(config, *extra, evaluate=evaluate), capture_output=True, text=True,
+                          timeout=TIMEOUT, env=env(), cwd=REPO)
     assert done.returncode == 0, f"train.py failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done
 
 
-def start(config: Path, slow_ms: int = 400) -> subprocess.Popen:
-    return subprocess.Popen(command(config), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env(slow_ms), cwd=REPO)
+def start(config: Path, slow_ms: int = 400, evaluate: bool = False) -> subprocess.Popen:
+    return subprocess.Popen(command(config, evaluate=evaluate), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env(slow_ms), cwd=REPO)
 
 
 def wait_for(proc: subprocess.Popen, found, what: str, timeout: float = TIMEOUT):
@@ -249,7 +253,7 @@ def test_ctrl_c_during_the_final_evaluation_saves_the_last_step_and_resume_finis
                                                                                      reference):
     config = make_run(tmp_path, tiny_model)
     # With evaluation on, the model folder is staged for the whole final evaluation: a wide window.
-    proc = subprocess.Popen(command(config)[:-1], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    proc = subprocess.Popen(command(config, evaluate=True), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env(), cwd=REPO)
     models = tmp_path / "models"
     wait_for(proc, lambda: models.is_dir() and any(p.name.startswith(".staging-") for p in models.iterdir()),
@@ -270,3 +274,97 @@ def test_ctrl_c_during_the_final_evaluation_saves_the_last_step_and_resume_finis
     meta = assert_same_result(tmp_path, reference)
     assert Path(resumed_from(meta)).name == f"checkpoint-{MAX_STEPS}"
     assert f"Resumed from {saved[0]} at step {MAX_STEPS}" in out.stdout + out.stderr
+
+
+def test_a_resumed_run_reports_the_evaluation_its_first_part_made_before_training(tmp_path, tiny_model):
+    config = make_run(tmp_path, tiny_model)
+    proc = start(config, evaluate=True)
+    wait_for(proc, complete_checkpoint(tmp_path, 2), "checkpoint-2")
+    proc.send_signal(signal.SIGTERM)
+    first, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, first[-3000:]
+    printed = [line for line in first.splitlines() if line.startswith("eval before:")]
+    assert len(printed) == 1, first[-3000:]
+    step = int(first.split("Interrupted at step ")[1].split()[0])
+    (saved,) = (tmp_path / "checkpoints").glob(f"*/checkpoint-{step}")
+    stored = json.loads((saved / "state.json").read_text())["evaluation_before"]  # read before rotation drops it
+
+    out = run(config, "--resume", "auto", evaluate=True)
+    # Evaluated again after resuming, "before" would describe half-trained weights.
+    assert "eval before:" not in out.stdout + out.stderr
+    (model,) = model_dirs(tmp_path)
+    results = json.loads((model / "eval" / "results.json").read_text())
+    from hafs.training.evaluate import describe
+
+    assert results["before"] == stored and describe(results["before"], "before") == printed[0]
+    assert results["before"]["generations"] and results["after"]["generations"]
+    assert results["comparison"]["val"]["loss_before"] == stored["val"]["loss"]
+    meta = json.loads((model / "metadata.json").read_text())
+    assert meta["evaluation"]["before"]["val"] == stored["val"]
+    lines = [json.loads(line) for line in (model / "eval" / "generations.jsonl").read_text().splitlines()]
+    assert [g["generated"] for g in lines if g["when"] == "before"] == [g["generated"] for g in stored["generations"]]
+
+
+def test_a_file_in_place_of_the_checkpoints_folder_mid_run_loses_nothing(tmp_path, tiny_model, reference):
+    config = make_run(tmp_path, tiny_model)
+    proc = start(config)
+    wait_for(proc, complete_checkpoint(tmp_path, 2), "checkpoint-2")
+    checkpoints, rescued = tmp_path / "checkpoints", tmp_path / "checkpoints-rescued"
+    proc.send_signal(signal.SIGSTOP)  # no save can recreate the folder between the move and the file
+    try:
+        os.rename(checkpoints, tmp_path / "moved-away")
+        checkpoints.write_text("a file where the folder was\n")
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    wait_for(proc, lambda: list(rescued.glob("*/checkpoint-*/manifest.json")), "a rescued checkpoint")
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out[-3000:]
+    assert "Traceback" not in out and f"{checkpoints} (a parent of" in out and "is a file, not a folder" in out
+    (run_dir,) = rescued.iterdir()
+    step = int(out.split("Interrupted at step ")[1].split()[0])
+    from hafs.training.checkpoint import verify
+
+    assert verify(run_dir / f"checkpoint-{step}") == ""
+    # auto would not find it while the file is there (preflight refuses the folder): name it.
+    assert f"--resume {run_dir}" in out.split("Interrupted at step")[1], out[-3000:]
+    assert checkpoints.read_text() == "a file where the folder was\n" and model_dirs(tmp_path) == []
+
+    checkpoints.unlink()  # what the warning advises
+    run(config, "--resume", "auto")
+    meta = assert_same_result(tmp_path, reference)
+    assert Path(resumed_from(meta)) == run_dir / f"checkpoint-{step}"
+
+
+def test_resume_with_num_epochs_ending_at_or_before_the_checkpoint_is_refused(tmp_path, tiny_model):
+    config = make_run(tmp_path, tiny_model, num_epochs=1)
+    proc = start(config, slow_ms=300)
+    wait_for(proc, complete_checkpoint(tmp_path, 2), "checkpoint-2")
+    proc.kill()
+    proc.wait(timeout=30)
+    from hafs.training.checkpoint import checkpoint_step, latest_checkpoint, verify
+
+    last = latest_checkpoint(next((tmp_path / "checkpoints").iterdir()))
+    step = checkpoint_step(last)
+    per_epoch = json.loads((last / "state.json").read_text())["train_state"]["total_steps"]  # of num_epochs = 1
+    assert per_epoch > step + 1
+
+    def resume_with(num_epochs: float) -> subprocess.CompletedProcess:
+        return subprocess.run(command(config, "--resume", "auto", "--set", f"num_epochs={num_epochs}"),
+                              capture_output=True, text=True, timeout=TIMEOUT, env=env(), cwd=REPO)
+
+    # Ending exactly at the checkpoint counts as past it: it was trained on a schedule that went further.
+    for steps in (step, step - 1):
+        done = resume_with((steps - 0.5) / per_epoch)
+        assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+        assert "past the end of this run" in done.stderr and f"saved after {step} optimizer steps" in done.stderr
+        assert f"takes {steps} in all (the checkpoint's run took {per_epoch})" in done.stderr, done.stderr
+        assert f"{config}:" in done.stderr and "hyperparameters.kill.num_epochs" in done.stderr
+        assert "--set num_epochs=" in done.stderr and "Traceback" not in done.stderr
+        assert "Resumed from" not in done.stdout and model_dirs(tmp_path) == [] and verify(last) == ""
+
+    # One step past the checkpoint is a run to finish: the check does not refuse too much.
+    done = resume_with((step + 0.5) / per_epoch)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert f"Resumed from {last} at step {step}" in done.stdout + done.stderr
+    assert final_model(tmp_path)[1]["training"]["optimizer_steps"] == step + 1

@@ -7,14 +7,17 @@ A checkpoint is a folder `checkpoint-<step>/` inside a run folder (`checkpoints_
     scheduler.pt          LR scheduler state        (idem)
     scaler.pt             fp16 GradScaler state     (only when a scaler is used)
     rng.pt                python / numpy / torch CPU / CUDA / MPS generator states (idem)
-    state.json            TrainState (step, epoch, micro-batch position, tokens, losses), dataset hash
+    state.json            TrainState (step, epoch, micro-batch position, tokens, losses), dataset hash,
+                          the evaluation before training (so a resumed run reports it like an uninterrupted one)
     config.json           the resolved plan (`TrainingConfig.to_dict()`)
     manifest.json         sha256 and size of every file above: written last, the completeness marker
 
 It is built under `.tmp-checkpoint-<step>-<pid>/` and renamed into place once complete, so a kill at
 any moment leaves either the previous checkpoints or a complete new one (a stale temp folder is
 ignored and cleaned later). Every byte goes through `_write_file`, so a full disk surfaces as an
-OSError we turn into a TrainingError, never torch's opaque "file write failed".
+OSError we turn into a TrainingError, never torch's opaque "file write failed". A run whose folder
+cannot be written (a file put in its place, a full disk) saves in `rescue_dir` instead and trains on
+(recipe.run); `--resume auto` searches there too.
 
 Resume is exact because everything that decides the next step is saved: weights, optimizer moments,
 scheduler step, every RNG (dropout), and the data position (epoch, micro-batch) — the order of an
@@ -23,6 +26,7 @@ epoch is a pure function of (seed, epoch). Checkpoints are only taken at optimiz
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -34,7 +38,8 @@ import time
 from pathlib import Path
 
 from .data import file_sha256
-from .outputs import _fsync_dir, disk_error
+from .errors import Problem, TrainingError
+from .outputs import _fsync_dir, disk_error, folder_problem
 
 FORMAT = 1
 PREFIX = "checkpoint-"
@@ -52,11 +57,13 @@ def _warn(message: str) -> None:
 
 
 def save_checkpoint(run_dir: Path, *, model, optimizer, scheduler, state, plan, scaler=None,
-                    dataset_fingerprint: str = "") -> Path:
+                    dataset_fingerprint: str = "", evaluation_before: dict | None = None) -> Path:
     """Write `run_dir/checkpoint-<step>/` atomically, then keep the newest `plan.save_total_limit`.
 
     Call only at an optimizer-step boundary (no half-accumulated gradients). A failed write
-    (disk full, read-only, permissions) raises TrainingError; earlier checkpoints stay untouched.
+    (disk full, read-only, permissions, a file where a folder should be) raises TrainingError;
+    earlier checkpoints stay untouched. `evaluation_before` is the recipe's "before" evaluation
+    (JSON-able), kept in state.json for the resumed run's report.
     """
     import torch
     from safetensors.torch import save as st_save
@@ -76,7 +83,7 @@ def save_checkpoint(run_dir: Path, *, model, optimizer, scheduler, state, plan, 
             "adapter.safetensors": st_save(trainable_state(model), metadata={"step": str(step)}),
             "optimizer.pt": _torch_bytes(optimizer.state_dict()),
             "rng.pt": _torch_bytes(rng_state()),
-            "state.json": _json_bytes(_state_record(state, dataset_fingerprint)),
+            "state.json": _json_bytes(_state_record(state, dataset_fingerprint, evaluation_before)),
             "config.json": _json_bytes(plan.to_dict()),
         }
         if scheduler is not None:
@@ -94,12 +101,45 @@ def save_checkpoint(run_dir: Path, *, model, optimizer, scheduler, state, plan, 
         _fsync_dir(run_dir)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise disk_error(exc, Path(exc.filename or tmp)) from None
+        raise _save_error(exc, run_dir, tmp, step) from None
     except BaseException:  # a second Ctrl-C mid-save: leave no half folder behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    rotate(run_dir, keep=plan.save_total_limit, protect=final)
+    try:
+        rotate(run_dir, keep=plan.save_total_limit, protect=final)
+    except OSError as exc:  # the new checkpoint is complete: failing to delete old ones only keeps them
+        _warn(f"could not remove old checkpoints of {run_dir}: {exc.strerror or exc}")
     return final
+
+
+def _save_error(exc: OSError, run_dir: Path, tmp: Path, step: int) -> TrainingError:
+    """The TrainingError for a failed checkpoint write; names the file in the way when there is one.
+
+    A folder replaced by a file mid-run surfaces as ENOTDIR, EEXIST or (the temp folder having gone
+    with its parent) ENOENT, from whichever call came first: none of them names the culprit.
+    """
+    blocked = folder_problem(run_dir) if exc.errno in (errno.ENOTDIR, errno.EEXIST, errno.ENOENT) else ""
+    if blocked:
+        return TrainingError([Problem(
+            f"cannot save checkpoint-{step}: {blocked}", file=str(run_dir),
+            hint="move the file named above out of the way (hafs never deletes it), or set [output] checkpoints_dir to "
+                 "another folder")])
+    return disk_error(exc, Path(exc.filename or tmp))
+
+
+RESCUE_SUFFIX = "-rescued"
+
+
+def rescue_dir(run_dir: Path) -> Path:
+    """Where a run's checkpoints go when its own folder cannot be written: `<checkpoints_dir>-rescued/<run>/`.
+
+    Beside the configured folder, not in it: whatever blocked that folder (a file put in its place, a
+    permission change) is left as it is, and the run keeps a resumable checkpoint.
+    """
+    run_dir = Path(os.path.abspath(run_dir))
+    root = run_dir.parent
+    return root.with_name(root.name + RESCUE_SUFFIX) / run_dir.name if root.name else run_dir.with_name(
+        run_dir.name + RESCUE_SUFFIX)
 
 
 def _write_file(path: Path, data: bytes) -> None:
@@ -133,12 +173,14 @@ def _json_bytes(obj) -> bytes:
     return (json.dumps(obj, indent=2, default=str) + "\n").encode()
 
 
-def _state_record(state, dataset_fingerprint: str) -> dict:
+def _state_record(state, dataset_fingerprint: str, evaluation_before: dict | None = None) -> dict:
     data = state.to_dict()
+    # evaluation_before is optional on read: checkpoints of earlier versions lack it (FORMAT stays 1).
     return {"format": FORMAT, "step": int(state.step), "train_state": data,
             "data_position": {k: data.get(k) for k in ("epoch", "micro_batch")},
             "dataset_fingerprint": dataset_fingerprint,
-            "elapsed_seconds": float(data.get("elapsed_seconds") or 0.0)}
+            "elapsed_seconds": float(data.get("elapsed_seconds") or 0.0),
+            "evaluation_before": evaluation_before}
 
 
 def trainable_state(model) -> dict:

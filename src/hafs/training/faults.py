@@ -167,8 +167,12 @@ def _invocation(argv0: str | None = None) -> list[str]:
     return ["python", "scripts/train.py"]
 
 
-def resume_command(plan, overrides=()) -> str:
-    """The command that continues this run (with the same --config and --set options)."""
+def resume_command(plan, overrides=(), resume: str = "auto") -> str:
+    """The command that continues this run (with the same --config and --set options).
+
+    `resume`: the --resume value; a run folder when `auto` would not find it (checkpoints rescued
+    outside [output] checkpoints_dir).
+    """
     parts = [*_invocation(), plan.preset]
     config = getattr(plan, "config_path", "")
     if config and not config.startswith("<"):
@@ -177,16 +181,16 @@ def resume_command(plan, overrides=()) -> str:
             parts += ["--config", config]
     for item in overrides:
         parts += ["--set", item]
-    return " ".join(shlex.quote(p) for p in parts) + " --resume auto"
+    return " ".join(shlex.quote(p) for p in [*parts, "--resume", resume])
 
 
-def interrupted(plan, state, path: Path | None, signum: int | None, overrides=()) -> Interrupted:
-    """The error that ends a run stopped by a signal, after its checkpoint was saved."""
+def interrupted(plan, state, path: Path | None, signum: int | None, overrides=(), resume: str = "auto") -> Interrupted:
+    """The error that ends a run stopped by a signal, after its checkpoint was saved (or failed to be)."""
     step = int(getattr(state, "step", 0))
-    saved = f"checkpoint saved to {path}" if path else "no checkpoint saved"
+    saved = f"checkpoint saved to {path}" if path else "no checkpoint saved, see the warning above"
     code = 128 + int(signum) if signum else 130
     return Interrupted([Problem(f"Interrupted at step {step} ({saved}). Resume with: "
-                                f"{resume_command(plan, overrides)}")], exit_code=code)
+                                f"{resume_command(plan, overrides, resume)}")], exit_code=code)
 
 
 # --------------------------------------------------------------------------- out of memory

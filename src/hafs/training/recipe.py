@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import TrainingError
 from .plan import TrainingConfig
 
 
@@ -74,6 +75,7 @@ def run(plan: TrainingConfig, opts: RunOptions, log=print) -> Path:
     point = resume.find_resume(plan, opts.resume, force=opts.force, log=log,
                                dataset_fingerprint=fingerprint) if opts.resume else None
     run_dir = point.run_dir if point else Path(plan.output.checkpoints_dir) / outputs.run_id(plan)
+    first_run_dir = run_dir  # save() moves run_dir when it has to rescue a checkpoint
 
     # 3. Model, tokenizer, tokenized data, adapter (rank 0 first: it fills the model and token caches).
     with ctx.loading_turn():
@@ -110,14 +112,43 @@ def run(plan: TrainingConfig, opts: RunOptions, log=print) -> Path:
     evaluator = Evaluator(plan, prepared, tokenizer, settings, log=log)
     # Under fsdp every forward needs every worker, so all of them evaluate (rank 0 reports).
     evaluates = opts.evaluate and (ctx.is_main or ctx.fsdp)
-    before = evaluator.run(model, "before") if evaluates and state.step == 0 else None
+    # A resumed run reports the evaluation its first part made (saved with each checkpoint); one
+    # resumed from a checkpoint of an earlier hafs, which did not save it, reports none.
+    before = point.evaluation_before if point else None
+    if before is None and evaluates and state.step == 0:
+        before = evaluator.run(model, "before")
     trackers = _trackers(plan, run_dir, log) if ctx.is_main else _null_trackers()
 
-    def save(st):
+    def save(st, stopping: bool = False):
+        """Checkpoint `st`; None when none could be written (a warning says why).
+
+        A checkpoint that cannot be written where it belongs (a file put where the folder was, a full
+        or read-only disk) is tried beside it (checkpoint.rescue_dir), and training goes on either way:
+        ending the run over a checkpoint would lose all of it, the model included.
+        """
+        nonlocal run_dir
         if not ctx.is_main:
             return None
-        return checkpoint.save_checkpoint(run_dir, model=model, optimizer=optimizer, scheduler=scheduler,
-                                          state=st, plan=plan, dataset_fingerprint=fingerprint)
+        kw = dict(model=model, optimizer=optimizer, scheduler=scheduler, state=st, plan=plan,
+                  dataset_fingerprint=fingerprint, evaluation_before=before)
+        try:
+            return checkpoint.save_checkpoint(run_dir, **kw)
+        except TrainingError as exc:
+            failed = "warning: " + exc.render().replace("\n", "\n  ")
+        lost = f"checkpoint-{st.step} is not saved" + ("" if stopping else "; training goes on")
+        rescue = checkpoint.rescue_dir(first_run_dir)
+        if rescue == run_dir:  # the rescue folder is what just failed
+            log(f"{failed}\n  {lost}")
+            return None
+        try:
+            path = checkpoint.save_checkpoint(rescue, **kw)
+        except TrainingError as exc:
+            log(f"{failed}\n  nor could it be saved to {rescue}: {exc.problems[0].message}\n  {lost}")
+            return None
+        log(f"{failed}\n  saved checkpoint-{st.step} to {path} instead; this run's next checkpoints go there too "
+            f"(resume it with --resume {rescue})")
+        run_dir = rescue
+        return path
 
     slow = faults.slow_step_seconds()  # tests slow steps down to kill a run mid-way
     name = ""
@@ -138,9 +169,10 @@ def run(plan: TrainingConfig, opts: RunOptions, log=print) -> Path:
                 trackers.close(failed=True)
                 raise faults.translate(exc, plan, state, run_dir, estimate) from None
             if guard.stopped:
-                path = save(state)
+                path = save(state, stopping=True)
                 trackers.close(failed=True)
-                raise faults.interrupted(plan, state, path, guard.signal, overrides=opts.overrides)
+                raise faults.interrupted(plan, state, path, guard.signal, overrides=opts.overrides,
+                                         resume=_resume_spec(run_dir, first_run_dir))
         after_training.arm()
 
         # 6. Save: stage everything, write metadata.json last, rename into place (never overwrite). The
@@ -180,9 +212,10 @@ def run(plan: TrainingConfig, opts: RunOptions, log=print) -> Path:
             if name:  # staging_dir's folder, which the signal may have hit before it returned
                 shutil.rmtree(outputs.staging_path(Path(plan.output.models_dir), name), ignore_errors=True)
             with faults.SignalGuard(log=log):  # a second signal aborts the save (which leaves no half folder)
-                path = save(state)
+                path = save(state, stopping=True)
             trackers.close(failed=True)
-            raise faults.interrupted(plan, state, path, stop.signum, overrides=opts.overrides) from None
+            raise faults.interrupted(plan, state, path, stop.signum, overrides=opts.overrides,
+                                     resume=_resume_spec(run_dir, first_run_dir)) from None
         except BaseException:
             trackers.close(failed=True)  # the run shows as failed in W&B / MLflow, not as still running
             raise
@@ -201,6 +234,11 @@ def run(plan: TrainingConfig, opts: RunOptions, log=print) -> Path:
     ctx.broadcast_object(str(final))
     distributed.cleanup(ctx)
     return final
+
+
+def _resume_spec(run_dir: Path, first_run_dir: Path) -> str:
+    """--resume for the message of an interrupted run: `auto`, unless its checkpoints were rescued elsewhere."""
+    return "auto" if run_dir == first_run_dir else str(run_dir)
 
 
 def _quiet(*args, **kwargs) -> None:

@@ -12,7 +12,15 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoint import MANIFEST, checkpoint_step, latest_checkpoint, list_checkpoints, set_rng_state, verify
+from .checkpoint import (
+    MANIFEST,
+    checkpoint_step,
+    latest_checkpoint,
+    list_checkpoints,
+    rescue_dir,
+    set_rng_state,
+    verify,
+)
 from .errors import Problem, ResumeError
 from .keypaths import dotted, key_lines, nearest_line
 from .outputs import run_id, safe_component
@@ -56,6 +64,9 @@ class ResumePoint:
     """Every setting that differs from the checkpoint's, as 'key: saved → now'."""
     forced: list[str] = field(default_factory=list)
     """Those of `differences` that are refused unless --force, which overrode them."""
+    evaluation_before: dict | None = None
+    """The run's evaluation before training (evaluate_model's result); None when it made none, or its
+    checkpoint comes from a hafs that did not save it."""
 
     def to_metadata(self) -> dict:
         """The `resume` entry of metadata.json."""
@@ -163,11 +174,13 @@ class _Finished:
 
 def _auto_checkpoint(plan, log) -> Path | _Finished | None:
     root = Path(plan.output.checkpoints_dir)
-    if not root.is_dir():
-        return None
+    # A run that could not write under checkpoints_dir saved its checkpoints beside it (recipe.run's
+    # save); its folder there holds the newer ones, so it sorts before its namesake.
+    rescued = rescue_dir(root / "run").parent
     pattern = re.compile(re.escape(safe_component(plan.preset)) + _RUN_TIME)
-    runs = sorted((p for p in root.iterdir() if p.is_dir() and pattern.match(p.name)),
-                  key=lambda p: _run_sort_key(p.name), reverse=True)
+    runs = sorted((p for d in (root, rescued) if d.is_dir() for p in d.iterdir()
+                   if p.is_dir() and pattern.match(p.name)),
+                  key=lambda p: (_run_sort_key(p.name), p.parent == rescued), reverse=True)
     finished = finished_runs(plan.output.models_dir) if runs else {}
     for run in runs:
         model = finished.get(run.name)
@@ -245,9 +258,11 @@ def load_point(path: Path) -> ResumePoint:
         state = dict(record["train_state"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ResumeError([Problem(f"checkpoint state is unreadable: {exc}", file=str(path))]) from None
+    before = record.get("evaluation_before")
     return ResumePoint(path=path, run_dir=path.parent, step=step, state=state, saved_plan=saved_plan,
                        dataset_fingerprint=record.get("dataset_fingerprint") or "",
-                       elapsed=float(record.get("elapsed_seconds") or 0.0))
+                       elapsed=float(record.get("elapsed_seconds") or 0.0),
+                       evaluation_before=before if isinstance(before, dict) else None)
 
 
 def compare(point: ResumePoint, plan, dataset_fingerprint: str = "") -> tuple[list[str], list[str]]:
