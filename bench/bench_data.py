@@ -268,8 +268,8 @@ def table(results: dict, rows: int) -> tuple[str, bool]:
         cache = "hit" if r["cache_hit"] else (
             "miss" + (f" ({r['cache_files_written']} cache files written)" if "cache_files_written" in r else ""))
         rounds = f"; wall per round {' / '.join(f'{w:.2f}' for w in r['walls'])}" if len(r["walls"]) > 1 else ""
-        lines.append(f"{name:<10} {phase:<7} {r['read']:>10,} {r['examples']:>9,} {r['wall']:>8.2f} {r['cpu']:>8.2f} "
-                     f"{r['read'] / r['wall']:>10,.0f} {r['peak_rss_gb']:>6.2f} GB  {cache}{rounds}")
+        lines.append(f"{name:<10} {phase:<7} {r['read']:>10,} {r['examples']:>9,} {r['wall']:>8.2f} "
+                     f"{r['cpu']:>8.2f} {r['read'] / r['wall']:>10,.0f} {r['peak_rss_gb']:>6.2f} GB  {cache}{rounds}")
     ok = {k: r for k, r in results.items() if "error" not in r}
     good = len(ok) == len(results)
     lines.append("")
@@ -361,15 +361,9 @@ def main() -> None:
 
 
 def _machine() -> str:
-    import platform
+    from probes import cpu_name  # this folder is on sys.path when the script runs (not when a test imports it)
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores"
+    return f"{cpu_name()}, {os.cpu_count()} cores"
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_train  # noqa: E402  (the fixture and its config)
+import fixture  # noqa: E402  (bench_train.py's fixture and its config)
 
 LEVERS = ("lora", "rotary", "rms_norm", "swiglu", "packed")
 CPU_ONLY = ("packed",)  # nothing is packed on CUDA
@@ -51,8 +51,8 @@ def load(spec, cache: Path):
     from hafs.training.plan import resolve
     from hafs.training.precision import run_settings
 
-    root = bench_train.build_fixture(spec, cache)
-    plan = resolve(load_config(bench_train.write_config(spec, root)), "bench", [])
+    root = fixture.build_fixture(spec, cache)
+    plan = resolve(load_config(fixture.write_config(spec, root)), "bench", [])
     tok = AutoTokenizer.from_pretrained(root / "model")
     prepared = tokenize.prepare_data(plan, tok, log=lambda *a, **k: None)
     settings = run_settings(plan, hardware.detect())
@@ -122,20 +122,20 @@ def run(model, settings, batches) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="the toy fixture (= --spec tiny)")
-    ap.add_argument("--spec", choices=sorted(bench_train.SPECS), default="", help="fixture (default: cpu)")
+    ap.add_argument("--spec", choices=sorted(fixture.SPECS), default="", help="fixture (default: cpu)")
     ap.add_argument("--levers", default="", help=f"comma-separated, from {', '.join(LEVERS + ('no_cudnn',))} "
                                                  f"(default: the device's: {', '.join(LEVERS)} on a CPU, "
                                                  f"{', '.join(CUDA_LEVERS)} on CUDA)")
     ap.add_argument("--rounds", type=int, default=8, help="on/off pairs per lever")
     ap.add_argument("--batches", type=int, default=12, help="micro-batches per timing, spread over the epoch")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
-    ap.add_argument("--cache", type=Path, default=bench_train.ROOT / ".cache" / "bench")
+    ap.add_argument("--cache", type=Path, default=fixture.ROOT / ".cache" / "bench")
     args = ap.parse_args()
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    spec = bench_train.SPECS[args.spec or ("tiny" if args.tiny else "cpu")]
+    spec = fixture.SPECS[args.spec or ("tiny" if args.tiny else "cpu")]
     model, settings, epoch = load(spec, args.cache.resolve())
     cuda = settings.device.startswith("cuda")
     levers = [x for x in args.levers.split(",") if x] or list(CUDA_LEVERS if cuda else LEVERS)
