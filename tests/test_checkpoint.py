@@ -443,6 +443,62 @@ def test_auto_picks_the_newest_run_of_the_same_preset(plan, shipped):
     assert resume.find_resume(plan, "auto", log=log.append).path == old
 
 
+def _frozen_clock(monkeypatch, minute: int, second: int = 0):
+    """Every run_id of the test is this minute of 2026-01-01 10:00, as for runs started in the same second."""
+    import datetime as dt
+    from types import SimpleNamespace
+
+    from hafs.training import outputs
+
+    class Frozen(dt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2026, 1, 1, 10, minute, second)
+
+    monkeypatch.setattr(outputs, "dt", SimpleNamespace(datetime=Frozen))
+
+
+def test_runs_started_in_the_same_second_get_folders_of_their_own_that_auto_finds(plan, monkeypatch):
+    from hafs.training.outputs import new_run_dir
+
+    model, opt, sched = build()
+    _frozen_clock(monkeypatch, 1)
+    root = checkpoint.Path(plan.output.checkpoints_dir)
+    (root / "demo-20260101-100100-3").parent.mkdir(parents=True)
+    (root / "demo-20260101-100100-3").write_text("a file of the user's: never taken, never replaced\n")
+    runs = [new_run_dir(plan) for _ in range(11)]
+    names = [r.name for r in runs]
+    assert names[:3] == ["demo-20260101-100100", "demo-20260101-100100-2", "demo-20260101-100100-4"]
+    assert len(set(names)) == 11 and names[-1] == "demo-20260101-100100-12" and all(r.is_dir() for r in runs)
+    assert (root / "demo-20260101-100100-3").read_text().startswith("a file of the user's")
+    steps = {runs[0]: 5, runs[1]: 3, runs[8]: 1, runs[9]: 2}  # -11 and -10 are newer than -2 (not by text)
+    saved = {run: save(run, model, opt, sched, TinyState(step=step), plan) for run, step in steps.items()}
+    _run_with_checkpoint(plan, model, opt, sched, 9, when=0)  # an earlier second, without suffix
+    assert resume.find_resume(plan, "auto", log=lambda m: None).path == saved[runs[9]]
+    shutil.rmtree(runs[9])
+    shutil.rmtree(runs[10])
+    assert resume.find_resume(plan, "auto", log=lambda m: None).path == saved[runs[8]]
+    for run in runs[2:9]:
+        shutil.rmtree(run)
+    assert resume.find_resume(plan, "auto", log=lambda m: None).path == saved[runs[1]]
+
+
+def test_a_resume_into_a_new_folder_never_takes_a_run_folder_of_the_same_second(plan, shipped, monkeypatch):
+    model, opt, sched = build()
+    first = _run_with_checkpoint(plan, model, opt, sched, 2, when=1)
+    save(first.parent, model, opt, sched, TinyState(step=4), plan)
+    _frozen_clock(monkeypatch, 1)  # the resumed run starts in the second that named `first`
+    point = resume.find_resume(plan, str(first), log=lambda m: None)  # an older step: a new run folder
+    assert point.run_dir == first.parent.with_name(first.parent.name + "-2") and point.run_dir.is_dir()
+    assert [p.name for p in checkpoint.list_checkpoints(first.parent)] == ["checkpoint-4", "checkpoint-2"]
+    shorter = resolve(shipped, "demo", {
+        "output.checkpoints_dir": plan.output.checkpoints_dir, "output.models_dir": plan.output.models_dir,
+        "max_steps": 1})
+    with pytest.raises(ResumeError):  # refused: no folder is made for it
+        resume.find_resume(shorter, str(first), log=lambda m: None)
+    assert sorted(p.name for p in first.parent.parent.iterdir()) == [first.parent.name, point.run_dir.name]
+
+
 def test_auto_skips_a_run_whose_only_checkpoint_is_broken(plan):
     model, opt, sched = build()
     old = _run_with_checkpoint(plan, model, opt, sched, 5, when=1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -153,3 +154,117 @@ def test_every_module_imports_on_its_own():
     done = subprocess.run([sys.executable, "-c", code, *names], capture_output=True, text=True, timeout=300,
                           check=False)
     assert len(names) > 30 and done.returncode == 0 and done.stdout.strip() == "", done.stdout + done.stderr
+
+
+def hafs(args, **kw):
+    """`hafs ARGS` in a fresh process (as the console script runs it)."""
+    code = "import sys; from hafs.training.cli import main; sys.exit(main())"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, timeout=120, **kw)
+
+
+def test_train_dry_run_is_show_and_loads_no_model(capsys, monkeypatch):
+    from hafs.training import cli, config_trainer
+
+    def no_training(*a, **k):
+        raise AssertionError("a dry run built a trainer")
+
+    monkeypatch.setattr(config_trainer, "ConfigTrainer", no_training)
+    for extra, code in (([], 0), (["--set", "batch_size=abc"], 2), (["--json"], 0), (["--force"], 0)):
+        assert cli.main(["show", "demo", *extra]) == code
+        shown = capsys.readouterr()
+        assert cli.main(["train", "demo", "--dry-run", *extra]) == code
+        dry = capsys.readouterr()
+        assert (dry.out, dry.err) == (shown.out, shown.err) and "Model saved" not in dry.out
+    # train's own options are checked as a run would check them
+    assert cli.main(["train", "demo", "--dry-run", "--json", "--report-to", "wandbx"]) == 2
+    refusal = capsys.readouterr()
+    assert json.loads(refusal.out)["ok"] is False and "did you mean 'wandb'" in refusal.err
+    assert cli.main(["train", "demo", "--dry-run", "--no-register", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ok"] is True
+    assert cli.main(["train", "demo", "--dry-run", "--resume", "auto"]) == 0
+    assert "does not look at --resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,says", [
+    (["models", "show", "x", "--expert", "a"], "--expert only applies to 'hafs models list'"),
+    (["models", "list", "--yes"], "--yes only applies to 'hafs models rm'"),
+    (["generate", "m", "--interactive", "--json"], "--json only applies to a single reply"),
+    (["merge", "m", "--out", "o", "--config", "c.toml"], "unrecognized arguments: --config"),
+    (["export", "m", "--config", "c.toml"], "unrecognized arguments: --config"),
+    (["launch", "demo", "--dry-run", "--json"], "unrecognized arguments: --json"),
+    (["tune", "demo", "--json"], "unrecognized arguments: --json"),
+])
+def test_options_a_command_would_ignore_are_refused(args, says, capsys):
+    from hafs.training.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(args)
+    assert exited.value.code == 2 and says in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,says", [
+    (["--list-presets", "--set", "lr=1"], "--set applies only when training a PRESET"),
+    (["--eval", "m", "--no-register", "--dry-run"], "--dry-run, --no-register apply only when training a PRESET"),
+    (["demo", "--list-presets"], "give one of PRESET, --list-*, --detect or --eval, not PRESET and --list-*"),
+    (["demo", "--dataset", "other"], "--dataset goes with --eval MODEL_DIR"),
+])
+def test_train_script_refuses_options_it_would_drop(args, says):
+    out = run(args)
+    assert out.returncode == 2 and says in out.stderr and out.stdout == ""
+
+
+def test_tune_says_trials_is_the_total(tmp_path, tiny_model, capsys):
+    pytest.importorskip("optuna")
+    from conftest import tiny_config
+
+    from hafs.training.cli import build_parser, main
+
+    tune = build_parser()._subparsers._group_actions[0].choices["tune"]
+    assert "in all, not how many to add" in " ".join(tune.format_help().split())
+    config = tiny_config(tmp_path, tiny_model, preset="t", hyperparameters="max_steps = 2\neval_steps = 1",
+                         hyperparameters_name="h", extra='[tuning.t]\nlearning_rate = {type = "loguniform", '
+                         'low = 1e-4, high = 1e-2}\n')
+    assert main(["tune", "t", "--config", str(config), "--trials", "1"]) == 0
+    capsys.readouterr()
+    assert main(["tune", "t", "--config", str(config), "--trials", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "1 finished trial(s), running 0 more" in out and "--trials is the study's total: use --trials 2 for 1 more" \
+        in out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("began", [False, True])
+def test_a_signal_before_training_says_nothing_was_saved_and_how_to_start_again(sig, began):
+    """Loading and the first evaluation run before the training loop's guard: Python's default SIGTERM
+    ended the process there with status 143 and not a word."""
+    code = ("import os, sys, time; from hafs.training import cli, faults\n"
+            "def train(args):\n"
+            f"    if {began}:\n"
+            "        with faults.SignalGuard(): pass\n"
+            f"    os.kill(os.getpid(), {int(sig)}); time.sleep(30)\n"
+            "cli.cmd_train = train\n"
+            "sys.exit(cli.main(['train', 'demo', '--config', 'my config.toml', '--set', 'seed=3']))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert done.returncode == 128 + sig and "Traceback" not in done.stderr
+    if began:  # stopped after the loop: checkpoints or the model may exist, so no "nothing was saved"
+        assert done.stderr.strip() == f"Interrupted ({sig.name})."
+    else:
+        assert done.stderr.strip() == (f"Interrupted ({sig.name}) before training began: nothing was saved. "
+                                       "Start again with: python scripts/train.py demo --config 'my config.toml' "
+                                       "--set seed=3")
+
+
+def test_train_json_prints_one_json_answer(tmp_path, tiny_model, capsys, one_thread):
+    from conftest import tiny_config
+
+    from hafs.training.cli import main
+
+    config = tiny_config(tmp_path, tiny_model, preset="t", hyperparameters="max_steps = 2\nlogging_steps = 1",
+                         hyperparameters_name="h")
+    assert main(["train", "t", "--config", str(config), "--no-eval", "--json"]) == 0
+    printed = capsys.readouterr()
+    answer = json.loads(printed.out)  # the whole of stdout: progress went to stderr
+    assert answer["ok"] is True and (Path(answer["model_dir"]) / "metadata.json").is_file()
+    assert "step 2/2" in printed.err

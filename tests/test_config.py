@@ -493,6 +493,14 @@ def test_file_level_problems(tmp_path):
     bom.write_bytes(b"\xef\xbb\xbf" + base().encode().replace(b"\n", b"\r\n"))
     cfg = load_config(bom)  # Windows Notepad: byte-order mark and CRLF
     assert cfg.line_of("presets.run.batch_size") == line_of(base(), "batch_size = 2")
+    # PowerShell 5's `>` and Notepad's "Unicode" write UTF-16: one line saying so, with or without a BOM.
+    for encoding, name in (("utf-16", "UTF-16"), ("utf-16-le", "UTF-16"), ("utf-32", "UTF-32")):
+        wide = tmp_path / f"{encoding}.toml"
+        wide.write_bytes(base().encode(encoding))
+        with pytest.raises(ConfigError) as err:
+            load_config(wide)
+        (p,) = err.value.problems
+        assert (p.message, p.file, p.line) == (f"the file is {name} text, not UTF-8", str(wide), 1), encoding
 
 
 def test_problems_keep_the_spelling_of_quoted_keys():
@@ -571,3 +579,103 @@ def test_the_plan_carries_every_hyperparameter_with_the_same_type_and_default():
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         plan_default = mine.default_factory() if mine.default_factory is not dataclasses.MISSING else mine.default
         assert plan_default == default, f.name
+
+
+def test_a_prompt_template_without_instruction_is_refused_at_its_line():
+    text = base(('context_window = 2048', 'context_window = 2048\nprompt_template = "{input_section}{output}"'))
+    with pytest.raises(ConfigError) as info:
+        load_config_text(text, "t.toml")
+    p = problem(info.value, "experts.coder.prompt_template")
+    assert "{instruction}" in p.message and p.file == "t.toml" and p.line == line_of(text, "prompt_template")
+    # a misspelt placeholder says what it meant instead
+    with pytest.raises(ConfigError, match=r"unknown placeholder '\{instrucion\}' \(did you mean 'instruction'"):
+        load_config_text(base(('context_window = 2048',
+                               'context_window = 2048\nprompt_template = "{instrucion}{output}"')))
+    load_config_text(base(('context_window = 2048', 'context_window = 2048\nprompt_template = "Q: {instruction}'
+                                                    '\\nA: {output}"')))
+
+
+def test_an_unknown_demo_model_is_refused_when_the_file_loads_with_the_demo_models():
+    text = base(('base_model = "tiny/model"', 'base_model = "hafs-demo/tiny-llama"'))
+    with pytest.raises(ConfigError) as info:
+        load_config_text(text, "t.toml")
+    p = problem(info.value, "experts.coder.base_model")
+    assert "unknown demo model 'hafs-demo/tiny-llama'" in p.message and "hafs-demo/tiny-qwen2" in p.message
+    assert p.line == line_of(text, "base_model")
+    load_config_text(base(('base_model = "tiny/model"', 'base_model = "hafs-demo/tiny-qwen2"')))
+
+
+def test_a_relative_base_model_folder_is_relative_to_the_config_file(tmp_path, monkeypatch):
+    (tmp_path / "conf" / "merged1").mkdir(parents=True)
+    config = tmp_path / "conf" / "training.toml"
+    monkeypatch.chdir(tmp_path)  # not the config's folder: the old resolution looked for ./merged1 here
+    for written, expected in [("merged1", tmp_path / "conf" / "merged1"),
+                              ("./not-yet", tmp_path / "conf" / "not-yet"),
+                              ("../conf/merged1", tmp_path / "conf" / "merged1"),
+                              ("Qwen/Qwen2.5-Coder-1.5B", "Qwen/Qwen2.5-Coder-1.5B"),  # a hub id stays one
+                              ("hafs-demo/tiny-qwen2", "hafs-demo/tiny-qwen2")]:
+        config.write_text(base(('base_model = "tiny/model"', f'base_model = "{written}"')))
+        assert resolve(load_config(config), "run").expert.base_model == str(expected), written
+    # --set paths are relative to the working directory, like dataset.path and the output folders
+    (tmp_path / "here").mkdir()
+    plan = resolve(load_config(config), "run", ["expert.base_model=./here"])
+    assert plan.expert.base_model == str(tmp_path / "here")
+
+
+def test_editing_dataset_path_or_output_folders_in_python_moves_the_derived_paths(tmp_path, monkeypatch):
+    config = tmp_path / "conf" / "training.toml"
+    config.parent.mkdir()
+    config.write_text(base())
+    monkeypatch.chdir(tmp_path)
+    plan = resolve(load_config(config), "run")
+    assert plan.dataset_dir == str(tmp_path / "conf" / "data")
+    plan.dataset.path = "other"
+    plan.output.models_dir = "elsewhere"
+    plan.validate()
+    assert plan.dataset_dir == str(tmp_path / "conf" / "other")
+    assert plan.output.models_dir == str(tmp_path / "conf" / "elsewhere")
+    # a replaced section, the way dataclasses.replace edits a plan
+    moved = dataclasses.replace(plan, dataset=dataclasses.replace(plan.dataset, path="/abs/data")).validate()
+    assert moved.dataset_dir == "/abs/data"
+    # the derived field itself cannot be edited: that would leave dataset.path saying otherwise
+    plan.dataset_dir = "/somewhere/else"
+    with pytest.raises(ConfigError, match="dataset_dir is derived from dataset.path") as info:
+        plan.validate()
+    assert "set dataset.path instead" in info.value.problems[0].hint
+    # a --set dataset.path stays relative to the working directory through validate()
+    plan = resolve(load_config(config), "run", ["dataset.path=cli-data"]).validate()
+    assert plan.dataset_dir == str(tmp_path / "cli-data")
+    # and the bookkeeping is not part of the saved plan
+    assert not any(k.startswith("_") for k in plan.to_dict())
+    assert TrainingConfig.from_dict(plan.to_dict()).validate().dataset_dir == plan.dataset_dir
+
+
+def test_a_key_defined_twice_names_the_key_and_both_lines():
+    text = base(("warmup_steps = 5", "warmup_steps = 5\nlearning_rate = 1e-3"))
+    with pytest.raises(ConfigError) as info:
+        load_config_text(text, "t.toml")
+    (p,) = info.value.problems
+    first = line_of(text, "learning_rate", after="[hyperparameters.default]")
+    assert p.message == ("TOML syntax error: 'hyperparameters.default.learning_rate' is defined twice "
+                         f"(first on line {first})")
+    assert (p.file, p.line) == ("t.toml", first + 2)
+    with pytest.raises(ConfigError, match=r"^t.toml:\d+: TOML syntax error: 'lora.small' is defined twice"):
+        load_config_text(base(append="\n[lora.small]\nr = 4\n"), "t.toml")
+    # the elements of an array of tables may repeat their keys; key_lines of valid files is unchanged
+    repeats = []
+    assert key_lines("[[a]]\nx = 1\n[[a]]\nx = 2\n", repeats) == {("a",): 1, ("a", "x"): 2} and repeats == []
+
+
+def test_problems_found_after_resolving_blame_the_set_override_not_the_file(tmp_path, monkeypatch):
+    from hafs.training.dryrun import dry_run
+
+    config = tmp_path / "training.toml"
+    config.write_text(base())
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(config)
+    report = dry_run(cfg, "run", ["dataset.path=nowhere"])
+    (p,) = [p for p in report.problems if "train split not found" in p.message]
+    assert (p.key, p.file, p.line) == ("--set dataset.path", "", None)
+    report = dry_run(cfg, "run")  # without the override the file is to blame
+    (p,) = [p for p in report.problems if "train split not found" in p.message]
+    assert (p.key, p.file) == ("datasets.data.path", str(config))

@@ -211,6 +211,33 @@ def test_each_bad_row_kind_is_detected(tmp_path, monkeypatch):
     assert "last message" in reasons[10] and "quality_score" in reasons[11] and "NUL" in reasons[12]
 
 
+@pytest.mark.parametrize("encoding, name", [("utf-16", "UTF-16"), ("utf-16-le", "UTF-16"), ("utf-16-be", "UTF-16"),
+                                            ("utf-32", "UTF-32"), ("utf-32-be", "UTF-32")])
+@pytest.mark.parametrize("policy", ["error", "skip"])
+def test_a_utf16_or_utf32_file_is_one_error_saying_so(tmp_path, encoding, name, policy):
+    # Windows PowerShell 5's `>` writes UTF-16 (with a BOM; the -le/-be cases have none). Every row used to be
+    # "contains a NUL byte", with the hint to set on_bad_rows = "skip" -- which would throw the whole split away.
+    plan = make_plan(tmp_path, on_bad_rows=policy)
+    path = tmp_path / "data" / "train.jsonl"
+    path.write_bytes("".join(json.dumps(alpaca(i)) + "\r\n" for i in range(40)).encode(encoding))
+    with pytest.raises(DatasetError) as err:
+        read_split(plan, "train")
+    (problem,) = err.value.problems
+    assert (problem.file, problem.line) == (str(path), 1)
+    assert problem.message.startswith(f"the file is {name} text, not UTF-8") and "save it as UTF-8" in problem.hint
+    assert "NUL" not in str(err.value) and "on_bad_rows" not in str(err.value)
+
+
+def test_a_utf8_bom_is_accepted_and_other_first_bytes_are_not_taken_for_utf16(tmp_path):
+    plan = make_plan(tmp_path)
+    path = tmp_path / "data" / "train.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(alpaca(i)) + "\n" for i in range(3)).encode())
+    raw = read_split(plan, "train")
+    assert (raw.stats.read, raw.stats.kept) == (3, 3) and raw.rows[0].instruction == "Explain opcode 0"
+    for head in (b"{}", b'{"a', "\u00e9t\u00e9".encode(), b"\xef\xbb\xbf{\x00", b"{\x00\x00x"):
+        assert data_mod.wide_encoding(head) == "", head
+
+
 # ----------------------------------------------------------------------------- empty after filtering
 
 def test_empty_after_quality_filter_names_the_filter(tmp_path):
@@ -342,6 +369,47 @@ def test_all_too_long_is_an_error(tmp_path, tokenizer):
         tokenize_split(read_split(plan, "train"), plan, tokenizer, cache=False)
     assert "all 3 samples are longer than sequence_length 16" in str(err.value)
     assert "datasets.d.long_samples" in str(err.value)
+
+
+def test_prompts_that_leave_no_room_for_a_response_are_reported_as_such(tmp_path, tokenizer):
+    # With long_samples = "truncate" the message used to be "all 3 samples are longer than sequence_length 48",
+    # hiding that the prompts alone leave fewer than 16 response tokens, and by how much.
+    rows = [{"instruction": " ".join(["SEP #$20"] * n), "output": "LDA #$00\nRTS"} for n in (12, 20, 30)]
+    prompts = [len(special_prefix(tokenizer)) + len(tokenizer(fill_template(DEFAULT_PROMPT_TEMPLATE,
+                                                                             r["instruction"], ""))["input_ids"])
+               for r in rows]
+    low, mid, high = sorted(prompts)
+    assert 32 < low < high  # each leaves fewer than 16 of 48 tokens for the response
+    plan = make_plan(tmp_path, sequence_length=48)
+    write_rows(tmp_path / "data" / "train.jsonl", rows)
+    with pytest.raises(DatasetError) as err:
+        tokenize_split(read_split(plan, "train"), plan, tokenizer, cache=False)
+    (problem,) = err.value.problems
+    assert problem.key == "presets.p.sequence_length" and problem.file == str(tmp_path / "training.toml")
+    assert problem.message == (f"all 3 samples of the train split were dropped: their prompts (all but the response) "
+                               f"are {low} to {high} tokens (median {mid}), leaving fewer than 16 tokens for the "
+                               f"response within sequence_length 48")
+    assert problem.hint.startswith(f"raise sequence_length to at least {low + 16} ({high + 16} keeps every sample)")
+    # The figures the hint gives are the ones that work; a partial drop says why in the summary line.
+    for limit, kept in ((low + 16, 1), (high + 16, 3)):
+        plan = make_plan(tmp_path, sequence_length=limit)
+        out = tokenize_split(read_split(plan, "train"), plan, tokenizer, cache=False)
+        assert len(out) == kept
+        if kept == 1:
+            assert (f"2 dropped as longer than {limit} tokens (their prompt leaves fewer than 16 tokens for the "
+                    f"response)") in out.summary()
+
+
+def test_all_too_long_with_drop_names_the_shortest_sample(tmp_path, tokenizer):
+    plan = make_plan(tmp_path, sequence_length=16, long_samples="drop")
+    write_rows(tmp_path / "data" / "train.jsonl", [alpaca(i) for i in range(3)])
+    raw = read_split(plan, "train")
+    with pytest.raises(DatasetError) as err:
+        tokenize_split(raw, plan, tokenizer, cache=False)
+    shortest = min(tokenize_split(raw, make_plan(tmp_path, sequence_length=256), tokenizer, cache=False).lengths)
+    (problem,) = err.value.problems
+    assert problem.message.endswith(f"the shortest train sample is {shortest} tokens")
+    assert problem.hint.startswith(f"raise sequence_length to at least {shortest},")
 
 
 def test_chat_rows_the_template_rejects_are_bad_rows(tmp_path):

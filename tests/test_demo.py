@@ -311,3 +311,16 @@ def test_a_cache_folder_that_is_a_file_stops_the_dry_run_with_the_reason(tmp_pat
     report = dry_run(load_config(Path(__file__).resolve().parents[1] / "config" / "training.toml"), "demo")
     assert not report.ok
     assert any(p.key == "HAFS_CACHE_DIR" and "is a file, not a folder" in p.message for p in report.problems)
+
+
+def test_dry_run_reports_data_the_tokenizer_leaves_empty_instead_of_estimating():
+    """A tokenizer that is there but leaves no sample to train on is a problem, not 'not available offline'."""
+    from hafs.training.dryrun import dry_run
+    from hafs.training.loader import load_config
+
+    report = dry_run(load_config(Path(__file__).resolve().parents[1] / "config" / "training.toml"), "demo",
+                     ["sequence_length=48"])
+    assert not report.ok and not any("not available offline" in n for n in report.notes)
+    (problem,) = [p for p in report.problems if "samples of the train split were dropped: their prompts" in p.message]
+    assert problem.key in ("presets.demo.sequence_length", "--set sequence_length")  # the override is to blame
+    assert "training tokens (est.)" not in report.numbers

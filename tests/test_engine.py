@@ -316,6 +316,21 @@ def test_load_model_and_tokenizer_from_a_built_model(shipped, tmp_path_factory, 
     assert (out / "adapter_model.safetensors").stat().st_mode & 0o777 == (out / "config.json").stat().st_mode & 0o777
 
 
+def test_loading_a_folder_that_is_not_a_model_is_a_config_error_at_the_base_model_key(shipped, tmp_path):
+    # transformers raises ValueError("Couldn't instantiate the backend tokenizer...") for an empty folder;
+    # that used to surface as "Internal error (a bug in hafs)".
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    plan = make_plan(shipped, **{"expert.base_model": str(empty)})
+    with pytest.raises(ConfigError) as info:
+        model_loading.load_model_and_tokenizer(plan, "cpu", "fp32")
+    (problem,) = info.value.problems
+    assert problem.key == f"experts.{plan.expert_name}.base_model"
+    assert problem.file == str(CONFIG.resolve()) and problem.line == shipped.line_of(
+        ["experts", plan.expert_name, "base_model"])
+    assert "no config.json" in problem.message and "*.safetensors" in problem.message
+
+
 def test_ensure_pad_token_prefers_an_unused_token_over_eos():
     class Tok:
         pad_token_id, eos_token_id, pad_token = None, 0, None
@@ -332,3 +347,30 @@ def test_ensure_pad_token_prefers_an_unused_token_over_eos():
     note = model_loading.ensure_pad_token(tok)
     assert tok.pad_token_id == 7 and "<|fim_pad|>" in note
     assert model_loading.ensure_pad_token(tok) is None
+
+
+@pytest.mark.parametrize("length, expected", [({"max_steps": 1}, (2, 0.25)), ({"max_steps": 3}, (6, 0.75)),
+                                              ({"max_steps": None, "num_epochs": 1.5}, (8, 1.5)),
+                                              ({"max_steps": None, "num_epochs": 2}, (8, 2.0))])
+def test_trained_counts_the_samples_and_epochs_a_run_reached(shipped, length, expected):
+    # metadata.json used to record the split size and the configured num_epochs: 172 samples and 1.0
+    # epochs for a 3-step run that trained on 1,200 tokens (0.07 of an epoch).
+    plan = make_plan(shipped, batch_size=2, packing=False, **length)
+    split = make_split(LENGTHS, PROMPTS)  # 8 samples in 4 micro-batches of 2
+    _, state = run(plan, split)
+    source = engine.BatchSource(split, plan, settings=run_settings(plan), pad_id=PAD)
+    assert source.trained(state) == expected
+    # From the data position alone: a state restored from a checkpoint gives the same figures.
+    assert source.trained(engine.TrainState.from_dict(state.to_dict())) == expected
+
+
+def test_trained_counts_packed_samples_by_example_not_by_row(shipped):
+    plan = make_plan(shipped, batch_size=1, packing=True, max_steps=1)
+    split = make_split(LENGTHS, PROMPTS)
+    _, state = run(plan, split)
+    source = engine.BatchSource(split, plan, settings=run_settings(plan), pad_id=PAD)
+    samples, epochs = source.trained(state)
+    rows = source.rows(0)
+    assert epochs == 1 / len(rows) and len(rows) < len(LENGTHS)  # several samples share a packed row
+    # the samples counted are the ones whose tokens were trained on
+    assert samples == len(rows[0][0]) > 1 and sum(LENGTHS[i] for i in rows[0][0]) == state.tokens

@@ -322,6 +322,20 @@ def test_hafs_eval_on_another_dataset_of_the_config(tmp_path, tmp_path_factory, 
     assert loads == []  # refused before the model was loaded
 
 
+def test_a_dataset_name_with_dots_and_slashes_stays_inside_the_model_folder(tmp_path, tmp_path_factory, capsys):
+    """A TOML key may be any string: `[datasets."../../../escaped"]` is a configured dataset, so --dataset
+    accepts it; the folder its results go to must still be one name inside eval/."""
+    model_dir, _, _, _ = trained_model_dir(tmp_path, tmp_path_factory)
+    other = write_dataset(tmp_path / "other", val=2, test=0)
+    config = tmp_path / "training.toml"
+    config.write_text(CONFIG.read_text() + f'\n[datasets."../../../escaped"]\npath = "{other}"\n')
+    assert ev.cmd_eval(_eval_args(model_dir, dataset="../../../escaped", config=str(config))) == 0
+    assert not (model_dir / "eval" / "../../../escaped").exists() and not (tmp_path / "escaped").exists()
+    assert json.loads((model_dir / "eval" / "escaped" / "results.json").read_text())["dataset"] == "../../../escaped"
+    rerun = json.loads((model_dir / "metadata.json").read_text())["evaluation"]["reruns"]["../../../escaped"]
+    assert rerun["files"]["results"] == "eval/escaped/results.json"
+
+
 def test_hafs_eval_on_a_folder_that_is_not_a_model(tmp_path):
     from hafs.training.cli import main
 

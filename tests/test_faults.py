@@ -228,3 +228,32 @@ def test_the_resume_command_is_the_one_the_user_typed():
     train = Path(__file__).resolve().parents[1] / "scripts" / "train.py"
     assert faults._invocation(str(train)) == ["python", str(train)]  # works from wherever it was typed
     assert faults._invocation("/usr/bin/pytest") == ["python", "scripts/train.py"]  # the Python API: the project's
+
+
+def test_sigterm_outside_a_guard_unwinds_like_ctrl_c_and_the_handler_is_restored():
+    before = signal.getsignal(signal.SIGTERM)
+    cleaned = []
+    with pytest.raises(faults.Terminated) as caught:
+        with faults.terminate_as_interrupt():
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)  # the handler runs at the next bytecode
+                threading.Event().wait(5)
+            finally:
+                cleaned.append(True)  # a `finally` runs, where Python's default would end the process
+    assert caught.value.signum == signal.SIGTERM and isinstance(caught.value, KeyboardInterrupt)
+    assert cleaned == [True] and signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_sigterm_the_parent_ignores_stays_ignored():
+    before = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        with faults.terminate_as_interrupt():
+            assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def test_the_train_command_keeps_config_and_overrides_and_leaves_the_default_config_out():
+    assert faults.train_command("t1", "my dir/t.toml", ["lr=1"]).endswith("t1 --config 'my dir/t.toml' --set lr=1")
+    assert faults.train_command("demo", "config/training.toml").endswith(" demo")
+    assert faults.train_command("demo", None, resume="auto").endswith(" demo --resume auto")

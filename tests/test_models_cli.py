@@ -212,3 +212,34 @@ def test_rm_of_a_registered_model_says_which_registry_entry_now_points_at_nothin
     err = capsys.readouterr().err
     assert "models.demo-asm.model_dir still names the removed" in err and "models.other" not in err
     assert registry_file.read_text().startswith("[models.demo-asm]")  # the user's file is left as it was
+
+
+def test_checkpoint_runs_in_models_dir_are_listed_as_such_and_rm_refuses_them(setup, capsys):
+    """checkpoints_dir = models_dir (or inside it): resumable runs, never "Not usable ... rm to clean up"."""
+    models, cfg = setup["models"], str(setup["config"])
+    run = models / "demo-20260101-100000"
+    (run / "checkpoint-4").mkdir(parents=True)
+    (run / "checkpoint-4" / "adapter.safetensors").write_bytes(b"\0" * 500)
+    (run / "checkpoint-4" / "config.json").write_text('{"preset": "demo"}')
+    (models / "ckpt" / "demo-20260101-110000-2" / "checkpoint-2").mkdir(parents=True)  # a whole checkpoints_dir
+    assert main(["models", "--config", cfg]) == 0
+    out = capsys.readouterr().out
+    unusable = out.split("Not usable")[1].split("\n\n")[0]
+    assert run.name not in unusable and "ckpt" not in unusable
+    held = out.split("Training checkpoints, not models")[1]
+    rows = {line.split()[0]: line.split(None, 1)[1] for line in held.splitlines()[1:] if line.startswith("  ")}
+    assert rows[run.name].startswith(f"training checkpoints (checkpoint-4), not a model; continue with hafs train "
+                                     f"demo --resume {run} ")
+    assert rows["ckpt"].startswith("training checkpoints (run folder demo-20260101-110000-2), not a model; continue "
+                                   f"with hafs train PRESET --resume {models / 'ckpt' / 'demo-20260101-110000-2'} ")
+    assert out.rstrip().endswith("3 unusable folders, 2 folders of checkpoints")
+    for name in (run.name, "ckpt", str(run)):
+        assert main(["models", "rm", name, "--yes", "--config", cfg]) == 2
+        err = capsys.readouterr().err
+        assert "refusing to remove" in err and "it holds training checkpoints" in err and " --resume " in err, err
+    assert f"hafs train demo --resume {run})" in err and "Traceback" not in err
+    assert (run / "checkpoint-4" / "adapter.safetensors").is_file()
+    assert (models / "ckpt" / "demo-20260101-110000-2" / "checkpoint-2").is_dir()
+    assert main(["models", "show", run.name, "--config", cfg, "--json"]) == 2
+    assert json.loads(capsys.readouterr().out)["entry"]["status"] == "checkpoints"
+    assert main(["models", "rm", "no-metadata", "--yes", "--config", cfg]) == 0  # a true leftover still goes

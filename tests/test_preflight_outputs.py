@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -97,10 +98,72 @@ def test_unwritable_parent_is_reported(project, monkeypatch):
 
 def test_folders_still_to_create_pass_and_the_check_creates_nothing(project):
     target = project / "new" / "deeper"
-    plan = _plan(project, f"output.models_dir={target}", f"output.checkpoints_dir={target}")
+    plan = _plan(project, f"output.models_dir={target / 'models'}", f"output.checkpoints_dir={target / 'ckpt'}")
     plan.report_to = ["tensorboard"]
     assert output_problems(plan) == [] and registry_problems(plan) == []
     assert not (project / "new").exists()
+
+
+def _set_output(project: Path, **folders: str) -> Path:
+    """Point the config's [output] folders at `folders` (TOML values), in the file: problems then carry lines."""
+    config = project / "cfg" / "training.toml"
+    text = config.read_text()
+    for key, value in folders.items():
+        text, n = re.subn(rf"(?m)^{key} = .*$", f'{key} = "{value}"', text, count=1)
+        assert n == 1, key
+    config.write_text(text)
+    return config
+
+
+def _line(config: Path, key: str) -> int:
+    return next(i for i, line in enumerate(config.read_text().splitlines(), 1) if line.startswith(f"{key} ="))
+
+
+def test_models_dir_shared_with_checkpoints_dir_stops_dry_run_and_training(project):
+    """Checkpoint runs inside models_dir would be listed by `hafs models` as leftovers to rm."""
+    config = _set_output(project, models_dir="../out", checkpoints_dir="../out")
+    out_dir = project / "out"
+    for args in (["--dry-run"], ["--no-eval", "--set", "max_steps=1"]):
+        out = _cli(project, *args)
+        text = out.stdout + out.stderr
+        assert out.returncode == 2, text
+        assert (f"{config}:{_line(config, 'checkpoints_dir')}: output.checkpoints_dir: {out_dir} is also "
+                f"output.models_dir ({config}:{_line(config, 'models_dir')})") in text, text
+        assert "hafs models rm" in text and "hint: give output.checkpoints_dir and output.models_dir separate" in text
+        assert "Ready to train" not in text and "Traceback" not in text and "step 1/" not in text
+    assert not out_dir.exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("inner,outer,refused", [
+    ("checkpoints_dir", "models_dir", True),
+    ("models_dir", "checkpoints_dir", True),
+    ("logs_dir", "models_dir", True),
+    ("logs_dir", "checkpoints_dir", True),
+    ("models_dir", "logs_dir", False),  # trackers only add their own folders beside it
+])
+def test_an_output_folder_inside_another_is_refused_where_hafs_owns_the_outer_one(project, inner, outer, refused):
+    config = _set_output(project, **{outer: "../out", inner: "../out/sub"})
+    plan = _plan(project)
+    plan.report_to = ["tensorboard"]  # logs_dir is written
+    problems = output_problems(plan)
+    if not refused:
+        assert problems == []
+        return
+    (problem,) = problems
+    assert problem.key == f"output.{inner}" and problem.file == str(config)
+    assert problem.line == _line(config, inner)
+    assert problem.message.startswith(f"{project / 'out' / 'sub'} is inside output.{outer} ({project / 'out'}, "
+                                      f"{config}:{_line(config, outer)}): "), problem.message
+    plan.report_to = []
+    assert (output_problems(plan) == []) == ("logs_dir" in (inner, outer))  # unused logs_dir: no clash
+
+
+def test_a_symlink_to_models_dir_is_the_same_folder(project):
+    (project / "models").mkdir()
+    (project / "alias").symlink_to(project / "models")
+    problems = output_problems(_plan(project, f"output.checkpoints_dir={project / 'alias'}"))
+    assert [p.key for p in problems] == ["output.checkpoints_dir"]
+    assert "is also output.models_dir" in problems[0].message
 
 
 def test_unparsable_registry_is_reported_by_the_dry_run_with_its_line(project):

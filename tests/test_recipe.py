@@ -110,7 +110,9 @@ def test_metadata_has_the_seeds_shape_and_true_values(trained):
     assert meta["expert"]["name"] == "Oracle: Tiny Asm" and meta["expert"]["role"] == "asm"
     assert meta["model"] == {**meta["model"], "base": str(trained["model"]), "lora_rank": 4, "lora_alpha": 8}
     t = meta["training"]
-    assert t["num_samples"] == 260  # the demo's train split after its quality and domain filters
+    assert t["dataset_samples"] == 260  # the demo's train split after its quality and domain filters
+    # 12 steps of 4 rows end inside the first epoch: what the run trained on, not the split's size
+    assert 0 < t["num_samples"] < 260 and 0 < t["num_epochs"] < 1
     assert t["sequence_length"] == 256 and t["batch_size"] == 4 and t["learning_rate"] == 5e-3
     assert t["optimizer_steps"] == 12 and t["tokens_trained"] > 0
     assert meta["hardware"]["device"] == "cpu" and meta["hardware"]["bf16"] is False
@@ -153,3 +155,48 @@ def test_edited_plan_is_revalidated_before_anything_loads(trained):
     plan.batch_size = 64
     with pytest.raises(ConfigError, match="max_batch_size"):
         trainer.train_with_config(plan)
+
+
+def _tiny_plan_config(root: Path, model, data: Path) -> Path:
+    from conftest import tiny_config
+
+    return tiny_config(root, model, preset="t", hyperparameters="max_steps = 2", hyperparameters_name="h", data=data)
+
+
+@pytest.mark.parametrize("files, missing", [
+    ((), "no config.json, no tokenizer files (tokenizer.json or tokenizer.model), no *.safetensors weights"),
+    (("config.json", "tokenizer.json"), "no *.safetensors weights"),
+])
+def test_a_base_model_folder_that_is_not_a_model_stops_the_dry_run_and_the_run_before_loading(
+        tmp_path, files, missing):
+    from hafs.training.dryrun import dry_run
+    from hafs.training.errors import HardwareError
+    from hafs.training.loader import load_config
+
+    folder = tmp_path / "not-a-model"
+    folder.mkdir()
+    for name in files:
+        (folder / name).write_text("{}")
+    config = _tiny_plan_config(tmp_path, folder, REPO / "data" / "demo")
+    cfg = load_config(config)
+    report = dry_run(cfg, "t")
+    assert not report.ok and "Ready to train" not in report.render()
+    (p,) = [p for p in report.problems if p.key.endswith("base_model")]
+    assert p.key == "experts.tiny.base_model" and missing in p.message
+    assert p.file == str(config) and p.line == cfg.line_of(["experts", "tiny", "base_model"])
+    with pytest.raises(HardwareError, match="is not a model folder"):  # before any model load
+        ConfigTrainer(config, log=lambda *a: None).train("t", evaluate=False)
+
+
+def test_a_plan_edited_in_python_reads_the_edited_dataset_path(tmp_path, tiny_model):
+    from hafs.training.errors import DatasetError
+
+    config = _tiny_plan_config(tmp_path / "conf", tiny_model, REPO / "data" / "demo")
+    (tmp_path / "conf" / "other").mkdir()  # no train.jsonl: the run must look here, not in data/demo
+    trainer = ConfigTrainer(config, log=lambda *a: None)
+    plan = trainer.build_training_config("t")
+    plan.dataset.path = "other"  # relative: to the config file's folder, as in the file
+    with pytest.raises(DatasetError) as info:
+        trainer.train_with_config(plan, evaluate=False)
+    assert str(tmp_path / "conf" / "other") in info.value.render()
+    assert plan.dataset_dir == str(tmp_path / "conf" / "other")

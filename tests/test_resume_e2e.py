@@ -359,7 +359,8 @@ def test_resume_with_num_epochs_ending_at_or_before_the_checkpoint_is_refused(tm
         assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
         assert "past the end of this run" in done.stderr and f"saved after {step} optimizer steps" in done.stderr
         assert f"takes {steps} in all (the checkpoint's run took {per_epoch})" in done.stderr, done.stderr
-        assert f"{config}:" in done.stderr and "hyperparameters.kill.num_epochs" in done.stderr
+        # The value came from --set, so the message blames the option, not the file's line.
+        assert "  - --set num_epochs: " in done.stderr and f"{config}:" not in done.stderr
         assert "--set num_epochs=" in done.stderr and "Traceback" not in done.stderr
         assert "Resumed from" not in done.stdout and model_dirs(tmp_path) == [] and verify(last) == ""
 
@@ -368,3 +369,38 @@ def test_resume_with_num_epochs_ending_at_or_before_the_checkpoint_is_refused(tm
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert f"Resumed from {last} at step {step}" in done.stdout + done.stderr
     assert final_model(tmp_path)[1]["training"]["optimizer_steps"] == step + 1
+
+
+def test_two_runs_started_in_the_same_second_keep_their_own_checkpoints(tmp_path, tiny_model, monkeypatch, capsys):
+    """Same preset, same start second (a frozen clock), other learning rates: neither touches the other's run."""
+    import datetime as dt
+    from types import SimpleNamespace
+
+    from hafs.training import cli, outputs
+
+    class Frozen(dt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2026, 1, 1, 10, 0, 0)
+
+    monkeypatch.setattr(outputs, "dt", SimpleNamespace(datetime=Frozen))
+    config = make_run(tmp_path, tiny_model, max_steps=4)
+    for lr in ("0.001", "0.002"):
+        assert cli.train_script_main([PRESET, "--config", str(config), "--no-eval", f"--set=learning_rate={lr}"]) == 0
+    checkpoints = tmp_path / "checkpoints"
+    first, second = checkpoints / f"{PRESET}-20260101-100000", checkpoints / f"{PRESET}-20260101-100000-2"
+    assert sorted(checkpoints.iterdir()) == [first, second]
+    for run_dir, lr in ((first, 1e-3), (second, 2e-3)):
+        saved = sorted(run_dir.glob("checkpoint-*"))
+        assert [p.name for p in saved] == ["checkpoint-2"]  # (the last step is saved as the model)
+        assert {json.loads((p / "config.json").read_text())["learning_rate"] for p in saved} == {lr}
+    recorded = {json.loads((m / "metadata.json").read_text())["run_dir"]
+                for m in model_dirs(tmp_path)}
+    assert recorded == {str(first), str(second)}
+
+    # A run that writes no checkpoint leaves no empty run folder behind (nor does one that fails).
+    capsys.readouterr()
+    assert cli.train_script_main([PRESET, "--config", str(config), "--no-eval", "--set", "save_steps=0"]) == 0
+    assert cli.train_script_main([PRESET, "--config", str(config), "--no-eval", "--set", "save_steps=0",
+                                  "--set", "learning_rate=1e30"]) == 3  # diverges at step 3
+    assert sorted(checkpoints.iterdir()) == [first, second]

@@ -254,3 +254,20 @@ def test_a_trial_failing_with_a_hafs_error_is_reported_without_optunas_traceback
         optuna.logging.disable_propagation()
     assert not [r for r in caplog.records if r.name.startswith("optuna") and "failed" in r.getMessage()], \
         caplog.text
+
+
+def test_an_unusable_logs_dir_is_refused_before_trial_0_with_its_key(tmp_path, tiny_model, capsys):
+    """The study goes to logs_dir/tuning even without a tracker: check it like the run checks its folders."""
+    from hafs.training.cli import main
+
+    config = write_config(tmp_path, tiny_model)
+    (tmp_path / "afile").write_text("the user's\n")
+    text = config.read_text().replace(f'logs_dir = "{tmp_path}/logs"', 'logs_dir = "afile/logs"')
+    config.write_text(text)
+    line = text.splitlines().index('logs_dir = "afile/logs"') + 1
+    assert main(["tune", PRESET, "--config", str(config), "--trials", "1"]) == 2
+    out = capsys.readouterr()
+    assert (f"{config}:{line}: output.logs_dir: {tmp_path / 'afile'} (a parent of {tmp_path / 'afile' / 'logs'}) "
+            "is a file, not a folder") in out.err, out.err
+    assert "Cannot tune:" in out.err and "Internal error" not in out.err and "Traceback" not in out.err
+    assert "trial 0" not in out.out + out.err and (tmp_path / "afile").read_text() == "the user's\n"

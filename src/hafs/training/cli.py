@@ -7,10 +7,12 @@ imported inside the commands that need them, so listing presets answers instantl
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import json
 import os
+import signal
 import sys
 import traceback
 
@@ -41,10 +43,13 @@ COMMANDS = {
 }
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="FILE", help="training config (default: config/training.toml)")
+def _common(p: argparse.ArgumentParser, *, config: bool = True, json_output: bool = True) -> None:
+    """The options most commands share; a command that would ignore one does not offer it."""
+    if config:
+        p.add_argument("--config", metavar="FILE", help="training config (default: config/training.toml)")
     p.add_argument("-v", "--verbose", action="store_true", help="more output; tracebacks for internal errors")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    if json_output:
+        p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def _train_options(p: argparse.ArgumentParser) -> None:
@@ -60,6 +65,10 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     reg.add_argument("--register", dest="register", action="store_true", default=None,
                      help="update the model registry ([output] registry) after training")
     reg.add_argument("--no-register", dest="register", action="store_false")
+
+
+_TRAIN_DESTS = ("overrides", "dry_run", "resume", "force", "evaluate", "report_to", "register")
+"""The dests _train_options adds."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,12 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir"), p.add_argument("instruction", nargs="?")
     p.add_argument("--input", default=""), p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--interactive", action="store_true")
-    _common(p)
+    _common(p, config=False)  # the model folder carries its settings
     p = sub.add_parser("merge", help="merge a LoRA adapter into its base model")
     p.add_argument("model_dir"), p.add_argument("--out", required=True)
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="dtype of the merged weights (default: the base model's)")
-    _common(p)
+    _common(p, config=False)
     p = sub.add_parser("export", help="export a trained model for llama.cpp / Ollama")
     p.add_argument("model_dir"), p.add_argument("--format", choices=["gguf", "ollama"], default="gguf")
     p.add_argument("--outtype", choices=["f16", "q8_0", "f32", "bf16"], default="f16")
@@ -110,18 +119,21 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--register", dest="register", action="store_true", default=None,
                      help="record the export in the model registry (default: when [output] registry is set)")
     reg.add_argument("--no-register", dest="register", action="store_false")
-    _common(p)
+    _common(p, config=False)
     p = sub.add_parser("launch", help="train a preset on a cloud GPU with SkyPilot")
     p.add_argument("preset"), p.add_argument("--cloud", choices=["runpod", "lambda"], default="runpod")
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    _common(p)
+    _common(p, json_output=False)
     p = sub.add_parser("tune", help="search hyperparameters with Optuna")
-    p.add_argument("preset"), p.add_argument("--trials", type=int, default=10)
+    p.add_argument("preset")
+    p.add_argument("--trials", type=int, default=10, metavar="N",
+                   help="how many finished (complete or pruned) trials the study should have in all, not how many "
+                        "to add (default: 10): run again with a larger N to continue a study")
     p.add_argument("--space", help="[tuning.NAME] table to use (default: the preset's name, else 'default')")
     p.add_argument("--keep-models", action="store_true", help="keep every trial's model directory")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    _common(p)
+    _common(p, json_output=False)
     return parser
 
 
@@ -149,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 0
+    _refuse_ignored(parser, args)
     return _run(COMMANDS[args.command], args)
 
 
@@ -156,6 +169,22 @@ def train_script_main(argv: list[str] | None = None) -> int:
     """Entry point of `scripts/train.py`, mapped onto the same commands as `hafs`."""
     parser = build_train_script_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    # One action per call: the first of them would run and silently drop the others' options.
+    actions = [name for name, given in (("PRESET", args.preset), ("--list-*", args.list_what),
+                                        ("--detect", args.detect), ("--eval", args.eval_dir)) if given]
+    if len(actions) > 1:
+        parser.error(f"give one of PRESET, --list-*, --detect or --eval, not {' and '.join(actions)}")
+    if args.dataset and not args.eval_dir:
+        parser.error("--dataset goes with --eval MODEL_DIR (a training run takes its dataset from the preset)")
+    defaults: dict = {}
+    for a in parser._actions:  # the first action of a dest sets its default (--register's None, not --no-register's)
+        defaults.setdefault(a.dest, a.default)
+    training = [a.option_strings[0] for a in parser._actions  # train's own options (see _train_options)
+                if a.dest in _TRAIN_DESTS and getattr(args, a.dest) != defaults[a.dest]
+                and (a.const is None or getattr(args, a.dest) == a.const)]  # which of --register/--no-register
+    if training and not args.preset:
+        parser.error(f"{', '.join(dict.fromkeys(training))} {'apply' if len(training) > 1 else 'applies'} "
+                     "only when training a PRESET")
     if args.list_what:
         args.what = args.list_what
         return _run(COMMANDS["list"], args)
@@ -167,7 +196,24 @@ def train_script_main(argv: list[str] | None = None) -> int:
     if not args.preset:
         parser.print_help()
         return 2
-    return _run(COMMANDS["show" if args.dry_run else "train"], args)
+    return _run(COMMANDS["train"], args)  # cmd_train turns --dry-run into `show`
+
+
+# Options that argparse accepts everywhere in a command but that only some of its forms read:
+# (command, option's dest, its flag, when it is read, that form) — refused elsewhere, never dropped.
+_ONLY_WITH = (
+    ("models", "expert", "--expert", lambda a: a.action == "list", "'hafs models list'"),
+    ("models", "dataset", "--dataset", lambda a: a.action == "list", "'hafs models list'"),
+    ("models", "yes", "--yes", lambda a: a.action == "rm", "'hafs models rm'"),
+    ("generate", "json", "--json", lambda a: not a.interactive, "a single reply (not --interactive)"),
+)
+
+
+def _refuse_ignored(parser: argparse.ArgumentParser, args) -> None:
+    """Exit 2 (argparse's usage error) for an option the chosen form of the command would not read."""
+    for command, dest, flag, read, form in _ONLY_WITH:
+        if args.command == command and getattr(args, dest) not in (None, False) and not read(args):
+            parser.error(f"{flag} only applies to {form}")
 
 
 def _run(target: str, args) -> int:
@@ -183,22 +229,31 @@ def _run(target: str, args) -> int:
 
 def _run_command(target: str, args) -> int:
     """Run one command; user errors become a short message and exit status 2, never a traceback."""
+    from . import faults
+
     module, func = target.split(":")
+    guards = faults.SignalGuard.entered
     try:
-        return getattr(importlib.import_module(module), func)(args) or 0
+        with faults.terminate_as_interrupt():  # SIGTERM is reported like Ctrl-C, not a silent exit 143
+            return getattr(importlib.import_module(module), func)(args) or 0
     except HafsError as exc:
         from .distributed import is_main_process
-        from .faults import Interrupted
 
-        if is_main_process() or not isinstance(exc, Interrupted):  # rank 0 alone saves a checkpoint and says where
+        # rank 0 alone saves a checkpoint and says where
+        if is_main_process() or not isinstance(exc, faults.Interrupted):
             print(f"Error: {exc.render()}", file=sys.stderr)
             if getattr(args, "json", False):  # a program reading stdout gets the refusal too, not an empty page
                 print(json.dumps({"ok": False, "error": exc.title or exc.kind, "exit_code": exc.exit_code,
                                   "problems": [dataclasses.asdict(p) for p in exc.problems]}, indent=2))
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("\nInterrupted.", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # outside a training loop's guard (which turns a first signal into Interrupted)
+        from .distributed import is_main_process
+
+        signum = getattr(exc, "signum", signal.SIGINT)
+        if is_main_process():
+            began = faults.SignalGuard.entered > guards
+            print(f"\n{_interrupted(target, args, signal.Signals(signum).name, began)}", file=sys.stderr)
+        return 128 + int(signum)
     except BrokenPipeError:  # the reader left (`| head`): not an error; keep the exit-time flush quiet too
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
@@ -210,6 +265,16 @@ def _run_command(target: str, args) -> int:
             print(f"Internal error (a bug in hafs): {etype.__name__}: {value}\n"
                   "Re-run with --verbose for the traceback, and please report it.", file=sys.stderr)
         return 1
+
+
+def _interrupted(target: str, args, name: str, training_began: bool) -> str:
+    """The line a stop by signal ends with; for a run stopped before its training loop: how to start again."""
+    if target.endswith(":cmd_train") and not training_began and not args.dry_run:
+        from .faults import train_command
+
+        again = train_command(args.preset, args.config, _overrides(args), args.resume)
+        return f"Interrupted ({name}) before training began: nothing was saved. Start again with: {again}"
+    return f"Interrupted ({name})."
 
 
 # --------------------------------------------------------------------------- commands
@@ -279,18 +344,27 @@ def _overrides(args) -> list[str]:
 
 
 def cmd_train(args) -> int:
+    if args.dry_run:  # exactly `hafs show`: the same plan, checks and exit status, no model loaded
+        skipped = [flag for flag, given in (("--resume", args.resume), ("--no-eval", not args.evaluate)) if given]
+        if skipped:
+            print(f"note: a dry run checks the config and the plan; it does not look at {' or '.join(skipped)}",
+                  file=sys.stderr)
+        return cmd_show(args)
     from . import distributed
     from .config_trainer import ConfigTrainer
 
-    trainer = ConfigTrainer(args.config, verbose=args.verbose)
-    overrides = _overrides(args)
-    plan = trainer.build_training_config(args.preset, overrides)
-    if distributed.needs_launch(plan):  # several workers asked for: run this command under torchrun
-        from .relaunch import relaunch
+    # --json: what a run prints (log lines, progress) goes to stderr, so stdout is the one JSON answer
+    # (or the refusal _run_command prints once this has given stdout back)
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        trainer = ConfigTrainer(args.config, verbose=args.verbose)
+        overrides = _overrides(args)
+        plan = trainer.build_training_config(args.preset, overrides)
+        if distributed.needs_launch(plan):  # several workers asked for: run this command under torchrun
+            from .relaunch import relaunch
 
-        return relaunch(plan)
-    out = trainer.train_with_config(plan, overrides=overrides, resume=args.resume, force=args.force,
-                                    evaluate=args.evaluate, register=args.register)
+            return relaunch(plan)
+        out = trainer.train_with_config(plan, overrides=overrides, resume=args.resume, force=args.force,
+                                        evaluate=args.evaluate, register=args.register)
     if distributed.is_main_process():
-        print(f"Model saved to: {out}")
+        print(json.dumps({"ok": True, "model_dir": str(out)}) if args.json else f"Model saved to: {out}")
     return 0

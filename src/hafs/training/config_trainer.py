@@ -40,8 +40,14 @@ class ConfigTrainer:
                           evaluate: bool = True, register: bool | None = None,
                           overrides: list[str] | None = None) -> Path:
         """Validate `config` again (it may have been edited) and run it; returns the model directory."""
+        from .errors import HafsError
         from .recipe import RunOptions, run
 
         config.validate()
-        return run(config, RunOptions(resume=resume, force=force, evaluate=evaluate, register=register,
-                                      verbose=self.verbose, overrides=list(overrides or [])), log=self.log)
+        try:
+            return run(config, RunOptions(resume=resume, force=force, evaluate=evaluate, register=register,
+                                          verbose=self.verbose, overrides=list(overrides or [])), log=self.log)
+        except HafsError as exc:  # a problem with a value a --set override gave: say so, not the file
+            exc.problems = config.blame_overrides(exc.problems)
+            exc.args = (exc.render(),)
+            raise

@@ -13,6 +13,7 @@ The user's exporter writes `text` next to the structured fields; the structured 
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import math
@@ -32,6 +33,8 @@ BAD_ROWS_SHOWN = 5
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 _FORBIDDEN_CHARS = re.compile("[\x00\ud800-\udfff]")  # NUL, and lone surrogates the tokenizer cannot encode
+_WIDE_BOMS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),  # before UTF-16: FF FE 00 00
+              (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"))
 
 
 @dataclass
@@ -163,6 +166,14 @@ def read_split(plan, split: str) -> RawSplit | None:
     digest = hashlib.sha256()
     try:
         with open(path, "rb") as f:
+            encoding = wide_encoding(f.read(4))
+            if encoding:  # one error for the file, not "contains a NUL byte" on every row
+                raise DatasetError([Problem(
+                    f"the file is {encoding} text, not UTF-8 (Windows PowerShell 5 writes UTF-16 with `>`)",
+                    file=str(path), line=1,
+                    hint="save it as UTF-8, e.g. in PowerShell `... | Out-File -Encoding utf8 FILE` instead of "
+                         "`> FILE` (a UTF-8 byte-order mark is fine)")], title=f"{split} split is not UTF-8: {path}")
+            f.seek(0)
             for number, raw in enumerate(_lines(f, digest), 1):
                 if raw is not None and not raw.strip():
                     continue
@@ -199,6 +210,25 @@ def read_split(plan, split: str) -> RawSplit | None:
     if not rows:
         raise DatasetError([_empty_problem(stats, plan, domains_seen)], title=f"{split} split is empty: {path}")
     return RawSplit(rows=rows, stats=stats)
+
+
+def wide_encoding(head: bytes) -> str:
+    """'UTF-16' or 'UTF-32' when `head`, a file's first 4 bytes, starts text in one of them; else ''.
+
+    By its byte-order mark, or without one by the zero bytes beside an ASCII character (RFC 4627's
+    test: a JSON line starts with '{', and a config file with ASCII too). A UTF-8 BOM is not wide.
+    """
+    for bom, name in _WIDE_BOMS:
+        if head.startswith(bom):
+            return name
+    if len(head) < 4:
+        return ""
+    zero = [b == 0 for b in head[:4]]
+    if zero in ([False, True, True, True], [True, True, True, False]):
+        return "UTF-32"
+    if zero in ([False, True, False, True], [True, False, True, False]):
+        return "UTF-16"
+    return ""
 
 
 def _lines(f, digest):

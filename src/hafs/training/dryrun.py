@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .errors import HafsError, Problem
+from .errors import DatasetError, HafsError, Problem
 from .plan import TrainingConfig, resolve
 from .schema import TrainingFile
 
@@ -95,6 +95,7 @@ def dry_run(cfg: TrainingFile, preset: str, overrides=None, *, force: bool = Fal
     verdict = _memory(plan, report, force, caps, settings)
     if tokens is not None:
         _time(plan, report, tokens, caps, settings, None if verdict is None else verdict.gradient_checkpointing)
+    report.problems = plan.blame_overrides(report.problems)
     return report
 
 
@@ -150,6 +151,9 @@ def _token_lengths(plan, train, report):
         lengths = tokenize_split(train, plan, tok).lengths
         report.numbers["training tokens"] = int(lengths.sum())
         return lengths
+    except DatasetError as exc:  # the tokenizer is there and the data is at fault: the run would refuse it too
+        report.problems += exc.problems
+        return None
     except Exception as exc:  # no tokenizer offline: estimate from characters (~3.5 chars per token)
         report.notes.append(f"the base model's tokenizer is not available offline ({type(exc).__name__}): "
                             "token counts and steps are estimates (~3.5 characters per token)")
@@ -209,7 +213,11 @@ def _memory(plan, report, force: bool, caps, settings):
             report.notes.append("memory estimate unavailable: " + exc.problems[0].message)
         return None
     report.problems += target_problems(plan, config)
-    verdict = check_memory(plan, config, settings=settings, caps=caps, force=force)
+    try:
+        verdict = check_memory(plan, config, settings=settings, caps=caps, force=force)
+    except HafsError as exc:  # a config.json the estimate cannot read: the run stops the same way
+        report.problems += exc.problems
+        return None
     report.memory, report.memory_text = verdict.estimate.to_dict(), verdict.render()
     report.problems += verdict.problems
     report.notes += verdict.notes

@@ -119,6 +119,19 @@ class BatchSource:
     def micro_batches_per_epoch(self) -> int:
         return len(self.rows(0))
 
+    def trained(self, state: TrainState) -> tuple[int, float]:
+        """(distinct samples trained on, epochs completed as a fraction) at `state`'s data position.
+
+        Worked out from the position rather than counted in the loop, so a run resumed from any
+        checkpoint, older ones included, reports the whole run. Every epoch holds every sample once.
+        """
+        rows = self.rows(state.epoch)
+        done = min(state.micro_batch, len(rows))
+        epochs = state.epoch + done / max(1, len(rows))
+        if state.epoch:
+            return len(self.lengths), epochs
+        return sum(len(row) for batch in rows[:done] for row in batch), epochs
+
     def __call__(self, epoch: int) -> EpochBatches:
         return EpochBatches(self, self.rows(epoch))
 

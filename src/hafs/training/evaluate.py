@@ -332,12 +332,13 @@ def evaluate_dir(model_dir: Path, *, dataset: str | None = None, config_path: st
                  generations: int = 3, max_new_tokens: int = 64, log=print) -> dict:
     """Re-evaluate a trained model folder (adapter on, and off for the base model's figures).
 
-    Writes `eval/<dataset>/` and updates metadata.json's evaluation.reruns.<dataset> atomically;
-    the training-time results stay as they were. Returns {"base": ..., "model": ..., "comparison": ...}.
+    Writes `eval/<dataset>/` (the name made a safe folder name) and updates metadata.json's
+    evaluation.reruns.<dataset> atomically; the training-time results stay as they were.
+    Returns {"base": ..., "model": ..., "comparison": ...}.
     """
     from . import data
     from .generate import load_trained_model, model_plan
-    from .outputs import atomic_write_json, read_metadata
+    from .outputs import atomic_write_json, read_metadata, safe_component
 
     model_dir = Path(model_dir)
     plan = plan_for_dataset(model_plan(model_dir)[1], dataset, config_path)  # a wrong --dataset: before loading
@@ -355,7 +356,8 @@ def evaluate_dir(model_dir: Path, *, dataset: str | None = None, config_path: st
     log(describe(tuned, "with adapter"))
     results = {"dataset": plan.dataset_name, "dataset_dir": plan.dataset_dir, "before": base, "after": tuned,
                "comparison": compare(base, tuned), "evaluated": dt.datetime.now().isoformat(timespec="seconds")}
-    folder = f"eval/{plan.dataset_name}"
+    # A dataset's name is a TOML key, which may hold '/' or '..': it names a folder only once made safe.
+    folder = f"eval/{safe_component(plan.dataset_name, fallback='dataset')}"
     summary_ = write_eval(model_dir, results, folder=folder)
     meta = read_metadata(model_dir) or meta  # re-read: keep anything written since we loaded
     evaluation = meta.get("evaluation") if isinstance(meta.get("evaluation"), dict) else {}

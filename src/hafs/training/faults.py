@@ -3,7 +3,8 @@
 The recipe wraps its training loop in `SignalGuard` (a first Ctrl-C / SIGTERM asks the loop to stop
 at the next optimizer step so a checkpoint can be saved; a second one aborts) and passes anything
 the loop raises through `translate`, which maps environment failures onto `TrainingError`s and lets
-bugs through unchanged.
+bugs through unchanged. Outside the loop (model loading, the first evaluation, other commands) the CLI's
+`terminate_as_interrupt` makes SIGTERM unwind like Ctrl-C, so it too ends with a message.
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ class SignalGuard:
     Outside the main thread (where handlers cannot be installed) it does nothing.
     """
 
+    entered = 0
+    """How many guards this process has entered: the CLI compares it before and after a command to tell
+    a stop before training began (nothing saved) from one after (checkpoints, maybe the model)."""
+
     def __init__(self, signals=(signal.SIGINT, signal.SIGTERM), log=None):
         self.signals = tuple(signals)
         self.signal: int | None = None
@@ -62,6 +67,7 @@ class SignalGuard:
         return self.stopped
 
     def __enter__(self) -> SignalGuard:
+        SignalGuard.entered += 1
         if threading.current_thread() is threading.main_thread():
             for sig in self.signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -153,6 +159,36 @@ class StopOnSignal:
         raise SystemExit(128 + signum)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM where no run has handlers of its own (loading the model, the first evaluation, other commands).
+
+    Python's default for SIGTERM ends the process at once: exit 143, no message, no `finally`. Raised like
+    SIGINT's KeyboardInterrupt instead, it unwinds the same way and the CLI says what was (not) saved.
+    """
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt():
+    """While inside, SIGTERM raises `Terminated` (in the main thread; a SIGTERM the parent ignores stays ignored)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) in (signal.SIG_IGN, None):
+        yield
+        return
+
+    def handle(signum, frame):
+        raise Terminated(signum)
+
+    previous = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _invocation(argv0: str | None = None) -> list[str]:
     """How the user started this run, so the printed command works where they typed it: `hafs train`
     for the console script (also when torchrun re-ran it as a module), `python PATH/train.py` as typed,
@@ -173,15 +209,19 @@ def resume_command(plan, overrides=(), resume: str = "auto") -> str:
     `resume`: the --resume value; a run folder when `auto` would not find it (checkpoints rescued
     outside [output] checkpoints_dir).
     """
-    parts = [*_invocation(), plan.preset]
-    config = getattr(plan, "config_path", "")
+    return train_command(plan.preset, getattr(plan, "config_path", ""), overrides, resume)
+
+
+def train_command(preset: str, config: str | None = "", overrides=(), resume: str | None = None) -> str:
+    """The command that trains `preset` with this --config (left out when it is the default) and --set options."""
+    parts = [*_invocation(), preset]
     if config and not config.startswith("<"):
         default = (Path.cwd() / "config" / "training.toml").resolve()
         if Path(config).resolve() != default:
             parts += ["--config", config]
     for item in overrides:
         parts += ["--set", item]
-    return " ".join(shlex.quote(p) for p in [*parts, "--resume", resume])
+    return shlex.join([*parts, *(["--resume", resume] if resume else [])])
 
 
 def interrupted(plan, state, path: Path | None, signum: int | None, overrides=(), resume: str = "auto") -> Interrupted:

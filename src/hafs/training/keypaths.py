@@ -44,14 +44,36 @@ _ESCAPE = re.compile(r'\\(?:u([0-9A-Fa-f]{4})|U([0-9A-Fa-f]{8})|(.))', re.S)
 _SIMPLE_ESCAPES = {"b": "\b", "t": "\t", "n": "\n", "f": "\f", "r": "\r", '"': '"', "\\": "\\", "e": "\x1b"}
 
 
-def key_lines(text: str) -> dict[tuple[str, ...], int]:
+def key_lines(text: str, repeats: list | None = None) -> dict[tuple[str, ...], int]:
     """Map every key path of valid TOML text to the 1-based line that defines it.
 
     Tables, dotted keys, quoted keys, inline tables and array items (as '[i]') are indexed, and
     every prefix of a path points at the line where that prefix first appeared. Multi-line strings
     and arrays are skipped correctly, so a `[table]`-looking line inside a string is not a header.
+    `repeats`, when given, receives (path, first line, line) for each key or table defined again
+    (TOML forbids that; tomllib's error names neither the key nor the first definition).
     """
     index: dict[tuple[str, ...], int] = {}
+    # For `repeats`: paths given a value (key = value), [table] headers, and every path seen so far;
+    # unlike `index`, each element of an array of tables starts them afresh.
+    assigned: dict[tuple[str, ...], int] = {}
+    headers: dict[tuple[str, ...], int] = {}
+    seen: dict[tuple[str, ...], int] = {}
+
+    def repeated(path: tuple[str, ...], at: int, first_of) -> None:
+        if repeats is None:
+            return
+        clash = next((path[:end] for end in range(1, len(path) + 1) if path[:end] in assigned), None)
+        if clash is not None:
+            repeats.append((clash, assigned[clash], at))
+        elif path in first_of:
+            repeats.append((path, first_of[path], at))
+        for end in range(1, len(path) + 1):
+            seen.setdefault(path[:end], at)
+
+    def assign(path: tuple[str, ...], at: int) -> None:
+        repeated(path, at, seen)
+        assigned[path] = at
     pos, n = 0, len(text)
     counted = [0, 1]  # offset up to which newlines are counted, line number there (pos only grows)
 
@@ -163,9 +185,17 @@ def key_lines(text: str) -> dict[tuple[str, ...], int]:
             pos += 2 if double else 1
             table = tuple(read_key())
             pos += 2 if double else 1
+            if double:  # a new element of an array of tables: its keys start afresh
+                for done in (assigned, headers, seen):
+                    for path in [p for p in done if len(p) > len(table) and p[:len(table)] == table]:
+                        del done[path]
+            else:
+                repeated(table, at, headers)
+                headers[table] = at
             record(table, at)
         else:
             key = table + tuple(read_key())
+            assign(key, at)
             record(key, at)
             pos += 1  # '='
             skip_value(key)

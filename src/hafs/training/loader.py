@@ -49,6 +49,12 @@ def load_config(path: str | Path | None = None, *, references: bool = True) -> T
     except (OSError, ValueError, RuntimeError) as exc:  # a directory, no permission, a NUL in the name, no $HOME
         reason = getattr(exc, "strerror", None) or str(exc)
         raise ConfigError([Problem(f"cannot read config file: {reason}", file=str(path))]) from None
+    from .data import wide_encoding  # the JSONL reader's check: PowerShell 5's `>` writes UTF-16
+
+    wide = wide_encoding(raw[:4])
+    if wide:  # BOM-less UTF-16 of ASCII text is valid UTF-8 full of NULs: tomllib's error would not say why
+        raise ConfigError([Problem(f"the file is {wide} text, not UTF-8", file=str(path), line=1,
+                                   hint="save the file as UTF-8")])
     try:
         # utf-8-sig: Windows editors (the user trains on Windows) may prepend a byte-order mark.
         text = raw.decode("utf-8-sig")
@@ -66,6 +72,13 @@ def load_config_text(text: str, filename: str = "<string>", *, references: bool 
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         msg = str(exc)
+        repeated = _repeated_key(text) if msg.startswith("Cannot") else None
+        if repeated:
+            path, first, again = repeated
+            raise ConfigError([Problem(f"TOML syntax error: '{_dotted(path)}' is defined twice "
+                                       f"(first on line {first})",
+                                       file=filename, line=again, hint=f"keep one of lines {first} and {again}")]) \
+                from None
         m = re.search(r"\(at line (\d+), column \d+\)", msg)
         line = int(m.group(1)) if m else None
         msg = re.sub(r"\s*\(at line \d+, column \d+\)", "", msg) if m else msg
@@ -117,6 +130,18 @@ def load_config_text(text: str, filename: str = "<string>", *, references: bool 
         noun = "problem" if len(problems) == 1 else "problems"
         raise ConfigError(problems, title=f"{filename}: {len(problems)} {noun} in the training config")
     return result
+
+
+def _repeated_key(text: str) -> tuple[tuple[str, ...], int, int] | None:
+    """(key path, first line, repeated line) of the first key or table the text defines twice.
+
+    Why: tomllib says only "Cannot overwrite a value", often "at end of document"."""
+    repeats: list = []
+    try:
+        key_lines(text, repeats)
+    except Exception:  # noqa: BLE001 - the scanner could not follow the text: tomllib's own message stays
+        return None
+    return repeats[0] if repeats else None
 
 
 def _worst_line(text: str, score) -> int | None:

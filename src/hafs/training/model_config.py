@@ -124,6 +124,47 @@ def target_problems(plan, config: dict) -> list[Problem]:
 
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
+"""Any one of these is a tokenizer transformers can load (fast, sentencepiece, BPE vocab, WordPiece)."""
+
+
+def base_model_problem(base_model: str, key: str) -> Problem | None:
+    """Why `base_model` cannot be loaded, found before any model load: a local folder that is not a
+    model, or a hub model that cannot be downloaded. None when nothing is known to be wrong."""
+    return local_model_problem(base_model, key) or hub_download_problem(base_model, key)
+
+
+def local_model_problem(base_model: str, key: str) -> Problem | None:
+    """A local base_model path that is missing or lacks config.json, a tokenizer or *.safetensors weights.
+
+    Why before the run: transformers reports a folder without a tokenizer as a ValueError about
+    "instantiating the backend tokenizer", after the data was read and the plan printed."""
+    if base_model.startswith("hafs-demo/"):
+        return None
+    path = Path(base_model).expanduser()
+    hint = ("point base_model at a Hugging Face model folder (config.json, tokenizer files and *.safetensors "
+            "weights, e.g. one written by `hafs merge` or `huggingface-cli download`), or use a hub id")
+    if not path.exists():
+        looks_local = base_model.startswith(("/", "./", "../", "~", ".\\", "..\\")) or path.is_absolute()
+        return Problem(f"'{base_model}' does not exist", key=key, hint=hint) if looks_local else None
+    if not path.is_dir():
+        if path.suffix == ".json":
+            return None  # a config.json alone: enough for a dry run's memory estimate, the load says the rest
+        return Problem(f"'{base_model}' is a file, not a model folder", key=key, hint=hint)
+    missing = []
+    if not (path / "config.json").is_file():
+        missing.append("config.json")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        missing.append("tokenizer files (" + " or ".join(TOKENIZER_FILES[:2]) + ")")
+    weights = [p.name for p in path.glob("*.safetensors")]
+    if not weights:
+        missing.append("*.safetensors weights")
+    elif set(weights) == {"adapter_model.safetensors"}:
+        return Problem(f"'{base_model}' holds a LoRA adapter, not a base model", key=key,
+                       hint="merge it into its base model first (`hafs merge`) and point base_model at the result")
+    if not missing:
+        return None
+    return Problem(f"'{base_model}' is not a model folder: it has no {', no '.join(missing)}", key=key, hint=hint)
 
 
 def hub_download_problem(base_model: str, key: str) -> Problem | None:

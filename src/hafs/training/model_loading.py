@@ -7,6 +7,7 @@ opts in. `prepare_for_training` installs the leaner pieces from `kernels` that t
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 from .attention import VARLEN_ATTENTION, register_varlen_attention
 from .errors import ConfigError, Problem
 from .kernels import FastDropout
+from .model_config import local_model_problem
 from .precision import DTYPES, RunSettings, choose_attention
 
 # Unused special tokens that make a safe pad token when a tokenizer has none (no new embedding row).
@@ -44,24 +46,29 @@ def load_model_and_tokenizer(plan, device: str, precision: str, settings: RunSet
     if attn == VARLEN_ATTENTION:
         register_varlen_attention()
     dtype = getattr(torch, settings.weight_dtype if settings else DTYPES[precision])
-    key = f"experts.{plan.expert_name}.base_model"
     started = time.perf_counter()
+    loading = "tokenizer"
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust)
+        loading = "model"
         with quiet_weight_loading():
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn,
                                                          trust_remote_code=trust, use_safetensors=True)
-    except OSError as exc:
-        raise ConfigError([Problem(f"cannot load '{plan.expert.base_model}': {_first_line(exc)}", key=key,
-                                   hint="a local model directory with config.json and *.safetensors weights, "
-                                        "or a hub id (needs network on first use)")]) from None
     except ValueError as exc:
         if "trust_remote_code" in str(exc):
             raise ConfigError([Problem(f"'{plan.expert.base_model}' needs code from its repository",
                                        key=f"experts.{plan.expert_name}.trust_remote_code",
+                                       **_located(plan, ["experts", plan.expert_name, "trust_remote_code"]),
                                        hint="set trust_remote_code = true only if you trust "
                                             "that repository")]) from None
+        # transformers says "Couldn't instantiate the backend tokenizer" (and the like) for a folder that
+        # is not a model: the user's base_model, not a bug of hafs. A ValueError of the model load on a
+        # sound folder may be ours (attention, dtype), so it stays a traceback.
+        if loading == "tokenizer" or local_model_problem(plan.expert.base_model, "") is not None:
+            raise _load_error(plan, exc) from None
         raise
+    except OSError as exc:
+        raise _load_error(plan, exc) from None
     seconds, weights = time.perf_counter() - started, str(dtype).removeprefix("torch.")
     log(f"Model: {plan.expert.base_model} loaded in {seconds:.1f} s ({weights} weights)")
     note = ensure_pad_token(tokenizer, model)
@@ -98,6 +105,29 @@ def quiet_weight_loading():
         yield
     finally:
         set_hook(previous)
+
+
+def _load_error(plan, exc: Exception) -> ConfigError:
+    key = f"experts.{plan.expert_name}.base_model"
+    # What the folder lacks says more than transformers' message about its first symptom.
+    problem = local_model_problem(plan.expert.base_model, key) or Problem(
+        f"cannot load '{plan.expert.base_model}': {_first_line(exc)}", key=key,
+        hint="a local model directory with config.json, tokenizer files and *.safetensors weights, "
+             "or a hub id (needs network on first use)")
+    return ConfigError([dataclasses.replace(problem, **_located(plan, ["experts", plan.expert_name, "base_model"]))])
+
+
+def _located(plan, keypath: list[str]) -> dict:
+    """file= and line= of `keypath` in the plan's config file, as far as they can be had."""
+    from .keypaths import key_lines, nearest_line
+
+    path = plan.config_file()
+    if not path:
+        return {}
+    try:
+        return {"file": path, "line": nearest_line(key_lines(Path(path).read_text(encoding="utf-8-sig")), keypath)}
+    except Exception:  # noqa: BLE001 - the file changed or went away since: the key alone still says where
+        return {"file": path}
 
 
 def _first_line(exc: Exception) -> str:

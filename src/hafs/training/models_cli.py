@@ -52,7 +52,8 @@ def cmd_models(args) -> int:
         raise ConfigError([Problem(f"'{action}' takes {wanted} model name{'s' * (wanted != 1)}, got {len(names)}",
                                    hint=f"usage: {usage}")])
     if action == "list":
-        entries = scan_models(models_dir, registry_path=Path(registry) if registry else None)
+        entries = [_mark_checkpoints(e) for e in scan_models(models_dir, registry_path=Path(registry) if registry
+                                                             else None)]
         if args.expert or args.dataset:
             entries = [e for e in entries if e.status == OK and matches(e, expert=args.expert, dataset=args.dataset)]
         if args.json:
@@ -63,6 +64,7 @@ def cmd_models(args) -> int:
     if action == "show":
         path = find_model(models_dir, names[0])
         data = show_data(path)
+        data["entry"] = dataclasses.asdict(_mark_checkpoints(ModelEntry(**data["entry"])))
         print(json.dumps(data, indent=2, default=str) if args.json else render_show(data))
         return 0 if data["entry"]["status"] == OK else 2
     if action == "compare":
@@ -71,10 +73,55 @@ def cmd_models(args) -> int:
         print(json.dumps(diff, indent=2, default=str) if args.json else render_compare(diff))
         return 0
     target = os.path.normpath(Path(models_dir, names[0]).expanduser().absolute())
+    what, how = checkpoints_in(Path(target)) if not os.path.islink(target) else ("", "")
+    if what:
+        raise ConfigError([Problem(
+            f"refusing to remove {target}: it holds training checkpoints ({what}), not a model",
+            hint=f"a checkpoint continues its run (hafs train {how}); delete the folder yourself once "
+                 "it is not needed, and keep [output] checkpoints_dir out of models_dir")])
     removed = remove_model(models_dir, names[0], yes=args.yes)
     if removed and registry:
         _warn_registry_points_at(Path(registry), target)
     return 0 if removed else 1
+
+
+CHECKPOINTS = "checkpoints"
+"""The status `hafs models` gives a folder of training checkpoints found in models_dir."""
+
+
+def checkpoints_in(folder: Path) -> tuple[str, str]:
+    """(what, how) when `folder` holds training checkpoints, else ('', ''): what they are, for messages, and
+    the `hafs train` arguments that continue one (`PRESET --resume PATH`).
+
+    A run folder holds checkpoint-<step>/ folders; a whole checkpoints_dir holds such run folders. They end
+    up in models_dir when checkpoints_dir was models_dir or inside it: resumable runs, which `hafs models`
+    must neither list as leftovers to clean up nor delete.
+    """
+    from .checkpoint import list_checkpoints
+    from .resume import saved_preset
+
+    if not folder.is_dir():
+        return "", ""
+    steps = list_checkpoints(folder)
+    if steps:
+        return ", ".join(p.name for p in steps), f"{saved_preset(steps[0]) or 'PRESET'} --resume {folder}"
+    try:
+        runs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.is_symlink() and list_checkpoints(p))
+    except OSError:
+        return "", ""
+    if not runs:
+        return "", ""
+    what = f"run folder{'s' * (len(runs) != 1)} {', '.join(p.name for p in runs)}"
+    return what, (checkpoints_in(runs[0])[1] if len(runs) == 1 else f"PRESET --resume {folder}{os.sep}RUN")
+
+
+def _mark_checkpoints(entry: ModelEntry) -> ModelEntry:
+    """A folder that is not a model but holds checkpoints shows as such, not as a leftover to remove."""
+    what, how = checkpoints_in(Path(entry.path)) if entry.status != OK else ("", "")
+    if what:
+        entry.status = CHECKPOINTS
+        entry.problem = f"training checkpoints ({what}), not a model; continue with hafs train {how}"
+    return entry
 
 
 def _warn_registry_points_at(registry: Path, removed: str) -> None:
@@ -99,7 +146,8 @@ def render_list(entries: list[ModelEntry], models_dir: Path) -> str:
     if not entries:
         return f"No models in {models_dir} (train one: python scripts/train.py demo)"
     good = [e for e in entries if e.status == OK]
-    odd = [e for e in entries if e.status != OK]
+    held = [e for e in entries if e.status == CHECKPOINTS]
+    odd = [e for e in entries if e.status not in (OK, CHECKPOINTS)]
     headers = ["NAME", "EXPERT", "BASE", "DATASET", "DATE", "SAMPLES", "EVAL LOSS", "SIZE"]
     rows = [[e.name + (" *" if e.registered else ""), e.expert, _short(e.base), e.dataset,
              e.created[:16].replace("T", " "), "" if e.samples is None else str(e.samples),
@@ -112,9 +160,17 @@ def render_list(entries: list[ModelEntry], models_dir: Path) -> str:
         lines += ([""] if lines else []) + ["Not usable (hafs models rm NAME to clean up):"]
         width = max(len(e.name) for e in odd)
         lines += [f"  {e.name.ljust(width)}  {e.status}: {e.problem} ({human_size(e.size_bytes)})" for e in odd]
+    if held:
+        lines += ([""] if lines else []) + [
+            "Training checkpoints, not models ([output] checkpoints_dir belongs outside models_dir; "
+            "hafs models rm leaves them):"]
+        width = max(len(e.name) for e in held)
+        lines += [f"  {e.name.ljust(width)}  {e.problem} ({human_size(e.size_bytes)})" for e in held]
     foot = f"{len(good)} model{'s' * (len(good) != 1)} in {models_dir}"
     if odd:
         foot += f", {len(odd)} unusable folder{'s' * (len(odd) != 1)}"
+    if held:
+        foot += f", {len(held)} folder{'s' * (len(held) != 1)} of checkpoints"
     if any(e.registered for e in good):
         foot += "  (* = in your model registry)"
     return "\n".join(lines + ["", foot])

@@ -42,9 +42,24 @@ def model_dir_name(plan, now: dt.datetime | None = None) -> str:
 
 
 def run_id(plan, now: dt.datetime | None = None) -> str:
-    """Identifier of one training run (checkpoint folder name): preset + timestamp."""
+    """Identifier of one training run (checkpoint folder name): preset + timestamp (see new_run_dir)."""
     now = now or dt.datetime.now()
     return f"{safe_component(plan.preset)}-{now.strftime('%Y%m%d-%H%M%S')}"
+
+
+def new_run_dir(plan, now: dt.datetime | None = None) -> Path:
+    """Create this run's own folder under checkpoints_dir: `run_id`, or `run_id-2`, `-3`... when taken.
+
+    Two runs of a preset started in the same second get the same run_id; sharing its folder, each
+    would replace the other's checkpoints and could resume from them. mkdir fails when the folder
+    exists, so whichever run creates it owns it and the other moves on to the next suffix.
+    """
+    root = Path(plan.output.checkpoints_dir)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        return _first_free(root, run_id(plan, now), os.mkdir)
+    except OSError as exc:  # preflight checked checkpoints_dir; something replaced it since
+        raise disk_error(exc, root) from None
 
 
 def folder_problem(folder: Path, *, create: bool = False) -> str:
@@ -104,19 +119,28 @@ def staging_dir(models_dir: Path, name: str) -> Path:
 
 def finalize_dir(staged: Path, models_dir: Path, name: str) -> Path:
     """Rename the staged folder to `name` (or `name-2`, ...): never onto an existing model."""
+    return _first_free(models_dir, name, lambda final: os.rename(staged, final))
+
+
+def _first_free(folder: Path, name: str, claim) -> Path:
+    """`folder/name`, else `name-2`, `name-3`...: the first one `claim(path)` takes.
+
+    `claim` must fail with EEXIST (or ENOTEMPTY) when the name is taken: the check before it only
+    skips known names, the claim itself is what two processes cannot both win.
+    """
     for i in range(1, 1000):
-        final = models_dir / (name if i == 1 else f"{name}-{i}")
-        if final.exists():
+        path = folder / (name if i == 1 else f"{name}-{i}")
+        if os.path.lexists(path):
             continue
         try:
-            os.rename(staged, final)
+            claim(path)
         except OSError as exc:
             if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
-                continue  # another run took it between our check and the rename
+                continue  # another run took it between our check and the claim
             raise
-        _fsync_dir(models_dir)
-        return final
-    raise TrainingError(f"could not find a free name for {name} in {models_dir}")
+        _fsync_dir(folder)
+        return path
+    raise TrainingError(f"could not find a free name for {name} in {folder}")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -186,14 +210,18 @@ def scrub(obj):
 
 
 def build_metadata(plan, *, num_samples: int, duration_seconds: float, hardware_info: dict,
-                   extra: dict | None = None, created: dt.datetime | None = None) -> dict:
-    """metadata.json in the seed's exact shape (expert, model, training, hardware, metadata), plus extras."""
+                   num_epochs: float | None = None, extra: dict | None = None,
+                   created: dt.datetime | None = None) -> dict:
+    """metadata.json in the seed's exact shape (expert, model, training, hardware, metadata), plus extras.
+
+    `num_samples` and `num_epochs` are what the run trained on (engine.BatchSource.trained): a max_steps
+    run stops inside an epoch; `num_epochs` defaults to the plan's for callers that describe a plan."""
     flags = plan.output.metadata
     created = created or dt.datetime.now()
     training = {
         "dataset": plan.dataset_dir,
         "num_samples": num_samples,
-        "num_epochs": plan.num_epochs,
+        "num_epochs": plan.num_epochs if num_epochs is None else num_epochs,
         "batch_size": plan.batch_size,
         "gradient_accumulation": plan.gradient_accumulation,
         "learning_rate": plan.learning_rate,

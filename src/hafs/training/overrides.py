@@ -10,11 +10,12 @@ from pathlib import Path
 
 from .errors import ConfigError, Problem, did_you_mean
 from .loader import coerce
-from .plan import TrainingConfig, _auto_precision, resolve_path
+from .plan import TrainingConfig, _auto_precision, resolve_base_model_path, resolve_path
 
 PLAN_IDENTITY = ("preset", "config_path", "expert_name", "expert", "hardware_name", "hardware", "dataset_name",
                  "dataset", "dataset_dir", "lora_name", "lora", "hyperparameters_name", "output")
-OVERRIDABLE = [f.name for f in dataclasses.fields(TrainingConfig) if f.name not in PLAN_IDENTITY]
+OVERRIDABLE = [f.name for f in dataclasses.fields(TrainingConfig)
+               if f.name not in PLAN_IDENTITY and not f.name.startswith("_")]
 NESTED_OVERRIDABLE = ("lora", "dataset", "expert", "hardware", "output")
 
 
@@ -88,6 +89,9 @@ def apply_overrides(plan: TrainingConfig, overrides: list[str] | dict) -> dict[s
         applied[key] = key
         if target is plan.dataset and name == "path":
             plan.dataset_dir = str(resolve_path(converted, Path.cwd()))
+            plan._derived_from = (plan.dataset.path, plan.dataset_dir)  # validate() must not re-derive from the file
+        elif target is plan.expert and name == "base_model":
+            plan.expert.base_model = resolve_base_model_path(converted, Path.cwd())
         elif target is plan.output and name in ("models_dir", "logs_dir", "checkpoints_dir", "registry") and converted:
             setattr(target, name, str(resolve_path(converted, Path.cwd())))
     if problems:

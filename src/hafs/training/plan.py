@@ -53,7 +53,8 @@ class TrainingConfig:
     dataset: DatasetSection
     """The dataset section (splits, filters, bad-row policy)."""
     dataset_dir: str
-    """Absolute directory of the dataset's splits."""
+    """Absolute directory of the dataset's splits, derived from dataset.path (validate() re-derives it after an
+    edit of dataset.path; edit that, not this)."""
     lora_name: str
     """Key of the LoRA config in [lora.*]."""
     lora: LoraSection
@@ -108,6 +109,10 @@ class TrainingConfig:
     """Pack samples into rows of sequence_length without attention across samples."""
     device: str = "auto"
     """Device kind from the profile: cpu, cuda, mps or auto."""
+    _derived_from: tuple | None = field(default=None, repr=False, compare=False)
+    """(dataset.path, dataset_dir) when dataset_dir was last derived: tells validate() which of them an edit changed."""
+    _overridden: dict = field(default_factory=dict, repr=False, compare=False)
+    """{plan field: key as typed} of the --set overrides resolve() applied, so later problems can blame them."""
 
     # Derived numbers are methods (litgpt style) so they never go stale after an edit.
     def effective_batch(self, world_size: int = 1) -> int:
@@ -154,14 +159,65 @@ class TrainingConfig:
         """
         problems = _section_problems(self)
         if not problems:
-            problems = hardware_problems(self)
+            problems = self._rederive() or hardware_problems(self)
         if problems:
             raise ConfigError(problems, title=f"Preset '{self.preset}' cannot run as configured:")
         return self
 
+    def config_dir(self) -> Path:
+        """Folder that relative paths of the plan are relative to: the config file's, else the working directory."""
+        return Path(self.config_file()).parent if self.config_file() else Path.cwd()
+
+    def _rederive(self) -> list[Problem]:
+        """Make the derived paths follow edits of the plan (README: edit it, then train_with_config).
+
+        Why: dataset_dir and the absolute output folders were computed once by resolve(); an edit of
+        dataset.path or a relative output folder would otherwise be ignored without a word."""
+        base = self.config_dir()
+        for key in ("models_dir", "logs_dir", "checkpoints_dir", "registry"):
+            value = getattr(self.output, key)
+            if value:
+                setattr(self.output, key, str(resolve_path(value, base)))
+        derived = str(resolve_path(self.dataset.path, base))
+        if self._derived_from is None:  # built by hand: nothing to compare with, the plan is taken as given
+            self._derived_from = (self.dataset.path, self.dataset_dir)
+        old_path, old_dir = self._derived_from
+        if self.dataset_dir != old_dir and self.dataset_dir != derived:
+            return [Problem(f"dataset_dir was changed to '{self.dataset_dir}' but dataset.path is "
+                            f"'{self.dataset.path}': dataset_dir is derived from dataset.path", key="dataset_dir",
+                            hint="set dataset.path instead (relative paths are relative to the config file's "
+                                 "folder) and leave dataset_dir as it was")]
+        if self.dataset.path != old_path:
+            self.dataset_dir = derived
+        self._derived_from = (self.dataset.path, self.dataset_dir)
+        return []
+
     def to_dict(self) -> dict:
         """Plain JSON-able dict (for metadata.json, checkpoints and --json)."""
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        for key in [k for k in out if k.startswith("_")]:  # bookkeeping of this object, not part of the plan
+            del out[key]
+        return out
+
+    def blame_overrides(self, problems: list[Problem]) -> list[Problem]:
+        """`problems` with those about a file key that a --set override replaced put on the override.
+
+        Why: checks after resolve() (dataset files, output folders) name the file's key, e.g.
+        `datasets.mine.path`, though the value they found came from `--set dataset.path`."""
+        if not self._overridden:
+            return problems
+        prefixes = {_dotted([section, getattr(self, f"{name}_name")]) + ".": name + "."
+                    for name, section in SECTION_OF.items()}
+        prefixes[_dotted(["presets", self.preset]) + "."] = ""
+        prefixes[_dotted(["hyperparameters", self.hyperparameters_name]) + "."] = ""
+        prefixes["output."] = "output."
+        out = []
+        for problem in problems:
+            field_key = next((to + problem.key[len(src):] for src, to in prefixes.items()
+                              if problem.key.startswith(src)), None)
+            typed = self._overridden.get((field_key or "").split("[")[0])
+            out.append(dataclasses.replace(problem, key=f"--set {typed}", file="", line=None) if typed else problem)
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainingConfig:
@@ -179,6 +235,7 @@ class TrainingConfig:
         plan = build_section(cls, _known_keys(cls, data), [], report)
         if problems or plan is None:
             raise ConfigError(problems, title="Saved training plan is invalid:")
+        plan._derived_from = (plan.dataset.path, plan.dataset_dir)  # as saved: consistent by construction
         return plan
 
 
@@ -245,11 +302,14 @@ def resolve(cfg: TrainingFile, preset_name: str, overrides: list[str] | dict | N
         precision=_auto_precision(hw) if preset.precision == "auto" else preset.precision,
         packing=preset.packing, device=hw.device,
     )
+    plan.expert.base_model = resolve_base_model_path(expert.base_model, base)
     if preset.report_to is not None:
         plan.report_to = list(preset.report_to)
     from .overrides import apply_overrides  # it builds on this module's TrainingConfig
 
     overridden = apply_overrides(plan, overrides or [])
+    plan._derived_from = (plan.dataset.path, plan.dataset_dir)
+    plan._overridden = dict(overridden)
 
     def place(problem: Problem, fields, file_key: str) -> Problem:
         touched = list(dict.fromkeys(overridden[f] for f in fields if f in overridden))
@@ -292,6 +352,21 @@ def resolve_path(value: str, base: Path) -> Path:
         p = Path(value)
     # normpath, not resolve(): '../data' reads cleanly in messages without following symlinks
     return Path(os.path.normpath(p if p.is_absolute() else (base / p)))
+
+
+def resolve_base_model_path(value: str, base: Path) -> str:
+    """A base_model that names a folder relative to `base` (the config file's folder), made absolute.
+
+    Hub ids look like relative paths ('Qwen/Qwen2.5-Coder-1.5B'), so a relative value is a path only when it
+    says so (./ or ../) or exists under `base`; anything else stays as written (a hub id, a demo model, or a
+    folder of the working directory, which transformers also looks in)."""
+    text = value.strip()
+    if not text or text.startswith("hafs-demo/") or text.startswith("~") or Path(text).is_absolute():
+        return value
+    explicit = text.startswith(("./", "../", ".\\", "..\\")) or text in (".", "..")
+    if explicit or (base / text).exists():
+        return str(resolve_path(text, base))
+    return value
 
 
 def _typecheck(obj, prefix: str, problems: list[Problem]) -> None:

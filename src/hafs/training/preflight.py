@@ -7,6 +7,7 @@ with fakes. Nothing here imports torch or transformers: pre-flight runs before t
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,11 +135,11 @@ def preflight(plan, caps: Capabilities, cfg=None, *, suggest: bool = True, paths
                                     file=plan.config_file(),
                                     line=line, hint="; or ".join(h for h in (hint, alt) if h)))
     if paths:
-        problems += output_problems(plan) + registry_problems(plan, register)
+        problems += output_problems(plan, cfg=cfg) + registry_problems(plan, register)
     if hub:
-        from .model_config import hub_download_problem
+        from .model_config import base_model_problem
 
-        missing = hub_download_problem(plan.expert.base_model, f"experts.{plan.expert_name}.base_model")
+        missing = base_model_problem(plan.expert.base_model, f"experts.{plan.expert_name}.base_model")
         if missing:
             source = cfg if cfg is not None else _config_of(plan)
             problems.append(dataclasses.replace(missing, file=source.path, line=source.line_of(
@@ -147,22 +148,78 @@ def preflight(plan, caps: Capabilities, cfg=None, *, suggest: bool = True, paths
 
 
 OUTPUT_DIRS = (("models_dir", "the trained model"), ("checkpoints_dir", "checkpoints"),
-               ("logs_dir", "tracker logs"))
+               ("logs_dir", "tracker logs and hafs tune studies"))
+
+# Folders whose every sub-folder hafs takes for its own, so no other output folder may be one of them or lie
+# inside one: what each would do to a folder that is not its own.
+OWNED_DIRS = {
+    "models_dir": "`hafs models` takes every folder in output.models_dir for a model: it would list what "
+                  "output.{inner} holds as unusable models, and `hafs models rm` would delete it",
+    "checkpoints_dir": "output.checkpoints_dir holds one folder per training run, to be deleted when the runs "
+                       "are done: what output.{inner} holds would go with them",
+}
 
 
-def output_problems(plan) -> list[Problem]:
-    """An output folder that cannot be created or written, as a Problem naming its `output.*` key."""
+def output_problems(plan, keys: tuple[str, ...] | None = None, cfg=None) -> list[Problem]:
+    """Output folders that cannot be created or written, or that overlap, as Problems naming their `output.*` keys.
+
+    `keys`: the folders the command writes; by default models_dir, checkpoints_dir, and logs_dir when a
+    tracker writes there. `cfg`: the TrainingFile (for lines; loaded from plan.config_path when not given).
+    """
+    if keys is None:
+        keys = ("models_dir", "checkpoints_dir") + (("logs_dir",) if plan.report_to else ())
+    keys = tuple(key for key, _ in OUTPUT_DIRS if key in keys)
+    if cfg is None and plan.config_file():
+        cfg = _config_of(plan)
+    lines = {key: _output_line(plan, cfg, key) for key in keys}
     problems = []
     for key, what in OUTPUT_DIRS:
-        if key == "logs_dir" and not plan.report_to:
-            continue  # only trackers write there
-        why = folder_problem(Path(getattr(plan.output, key)))
+        why = folder_problem(Path(getattr(plan.output, key))) if key in keys else ""
         if why:
             problems.append(Problem(f"{why}: {what} cannot be saved there", key=f"output.{key}",
-                                    file=plan.config_file(),
+                                    file=plan.config_file(), line=lines[key],
                                     hint=f"set output.{key} to a folder hafs can create or write to "
                                          f"(in [output] or with --set output.{key}=PATH)"))
+    return problems + _overlap_problems(plan, keys, lines)
+
+
+def _overlap_problems(plan, keys: tuple[str, ...], lines: dict) -> list[Problem]:
+    """One Problem per pair of output folders that are the same, or one inside a folder of OWNED_DIRS."""
+    real = {key: Path(os.path.realpath(getattr(plan.output, key))) for key in keys}  # a symlink is its target
+    problems = []
+    for i, first in enumerate(keys):
+        for second in keys[i + 1:]:
+            if real[first] == real[second]:  # reported at the later key; the reason is the owner's
+                inner, outer, owner, how = second, first, first if first in OWNED_DIRS else second, "is also"
+            elif real[first] in real[second].parents:
+                inner, outer, owner, how = second, first, first, "is inside"
+            elif real[second] in real[first].parents:
+                inner, outer, owner, how = first, second, second, "is inside"
+            else:
+                continue
+            if owner not in OWNED_DIRS:  # only logs_dir's own sub-folders: trackers add theirs beside them
+                continue
+            at = [f"{plan.config_file()}:{lines[outer]}"] if plan.config_file() and lines[outer] else []
+            if how == "is inside":
+                at.insert(0, getattr(plan.output, outer))
+            problems.append(Problem(
+                f"{getattr(plan.output, inner)} {how} output.{outer}" + (f" ({', '.join(at)})" if at else "")
+                + ": " + OWNED_DIRS[owner].format(inner=inner),
+                key=f"output.{inner}", file=plan.config_file(), line=lines[inner],
+                hint=f"give output.{inner} and output.{outer} separate folders, neither inside the other "
+                     "(as the shipped config does: models, checkpoints and logs side by side)"))
     return problems
+
+
+def _output_line(plan, cfg, key: str) -> int | None:
+    """Line of `output.<key>` in the config; None when the plan's folder is not the file's (a --set override)."""
+    if cfg is None:
+        return None
+    from .plan import resolve_path
+
+    if str(resolve_path(getattr(cfg.output, key), plan.config_dir())) != getattr(plan.output, key):
+        return None
+    return cfg.line_of(["output", key])
 
 
 def registry_problems(plan, register: bool | None = None) -> list[Problem]:

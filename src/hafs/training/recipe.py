@@ -7,6 +7,7 @@ before a model is downloaded or loaded.
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -38,6 +39,21 @@ class RunOptions:
 
 
 def run(plan: TrainingConfig, opts: RunOptions, log=print) -> Path:
+    """Train `plan`; returns the saved model's folder."""
+    created: list[Path] = []  # the run folder _run made, when it did
+    try:
+        return _run(plan, opts, log, created)
+    finally:
+        # A run that ended before its first checkpoint (or saves none) leaves no empty folder behind;
+        # rmdir removes nothing else, and a folder someone else filled stays.
+        for folder in created:
+            try:
+                os.rmdir(folder)
+            except OSError:
+                pass
+
+
+def _run(plan: TrainingConfig, opts: RunOptions, log, created: list[Path]) -> Path:
     from . import (
         checkpoint,
         data,
@@ -71,10 +87,16 @@ def run(plan: TrainingConfig, opts: RunOptions, log=print) -> Path:
     fingerprint = train_raw.stats.sha256
     estimate = memory_check.check_plan(plan, settings, force=opts.force, log=log, caps=caps)
 
-    # 2. Where this run lives: a fresh run directory, or the one we resume.
-    point = resume.find_resume(plan, opts.resume, force=opts.force, log=log,
-                               dataset_fingerprint=fingerprint) if opts.resume else None
-    run_dir = point.run_dir if point else Path(plan.output.checkpoints_dir) / outputs.run_id(plan)
+    # 2. Where this run lives: a run folder of its own (created now, so no other run can take it), or
+    #    the one we resume. Only rank 0 writes checkpoints, so only it creates one.
+    point = resume.find_resume(plan, opts.resume, force=opts.force, log=log, dataset_fingerprint=fingerprint,
+                               claim=ctx.is_main) if opts.resume else None
+    if point is None:
+        run_dir = outputs.new_run_dir(plan) if ctx.is_main else Path(plan.output.checkpoints_dir) / outputs.run_id(plan)
+    else:
+        run_dir = point.run_dir
+    if ctx.is_main and (point is None or run_dir != point.path.parent):
+        created.append(run_dir)
     first_run_dir = run_dir  # save() moves run_dir when it has to rescue a checkpoint
 
     # 3. Model, tokenizer, tokenized data, adapter (rank 0 first: it fills the model and token caches).
@@ -189,10 +211,12 @@ def run(plan: TrainingConfig, opts: RunOptions, log=print) -> Path:
                 return final
             evaluation = evaluator.write(staged, before, after) if opts.evaluate else None
             _plot(state, staged, plan, log)
+            samples, epochs = batches.trained(state)
             meta = outputs.build_metadata(
-                plan, num_samples=len(prepared.train), duration_seconds=state.elapsed_seconds,
+                plan, num_samples=samples, num_epochs=round(epochs, 4), duration_seconds=state.elapsed_seconds,
                 hardware_info=caps.summary(settings), extra={
-                    "training": {"tokens_trained": state.tokens, "optimizer_steps": state.step,
+                    "training": {"dataset_samples": len(prepared.train),
+                                 "tokens_trained": state.tokens, "optimizer_steps": state.step,
                                  "world_size": ctx.world_size, "final_loss": state.last_loss(),
                                  "best_eval_loss": state.best_eval(), "precision": settings.precision,
                                  "resumed_from": str(point.path) if point else None},

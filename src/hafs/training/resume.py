@@ -23,9 +23,11 @@ from .checkpoint import (
 )
 from .errors import Problem, ResumeError
 from .keypaths import dotted, key_lines, nearest_line
-from .outputs import run_id, safe_component
+from .outputs import new_run_dir, run_id, safe_component
 
-_RUN_TIME = r"-\d{8}-\d{6}(?:-\d+)?$"
+# A run folder's name after its preset (outputs.new_run_dir): start time, and -2, -3... when two runs of the
+# preset started in the same second.
+_RUN_TIME = r"-(\d{8})-(\d{6})(?:-(\d+))?$"
 
 # Settings that decide what a saved state means: resuming with another value is refused (the
 # weights would not fit, or the data order / positions would be another run's).
@@ -75,7 +77,7 @@ class ResumePoint:
 
 
 def find_resume(plan, spec: str, *, force: bool = False, log=print,
-                dataset_fingerprint: str = "") -> ResumePoint | None:
+                dataset_fingerprint: str = "", claim: bool = True) -> ResumePoint | None:
     """The checkpoint `--resume spec` means, checked against `plan`.
 
     spec "auto": the newest verified checkpoint of the newest run of the same preset under
@@ -85,6 +87,8 @@ def find_resume(plan, spec: str, *, force: bool = False, log=print,
     ResumeError. A checkpoint made with other settings (RESUME_KEYS, the train split's hash) raises
     ResumeError listing them, unless `force`; other changed settings (NOTED_KEYS) are noted.
     With `max_steps` set, a checkpoint at or past it is refused here (see `check_total_steps`).
+    A run that continues in a new folder (from a finished run, or an older step) has it created here
+    (outputs.new_run_dir), unless not `claim` (workers other than rank 0, which write no checkpoints).
     """
     if spec == "auto":
         path = _auto_checkpoint(plan, log)
@@ -102,16 +106,6 @@ def find_resume(plan, spec: str, *, force: bool = False, log=print,
     point = load_point(path)
     newest = latest_checkpoint(point.run_dir, log=lambda m: None)
     model = finished_runs(plan.output.models_dir).get(point.run_dir.name)
-    if model is not None:
-        # Continuing a finished run is a new run: its own folder, so `auto` can later find it unfinished.
-        point.run_dir = Path(plan.output.checkpoints_dir) / run_id(plan)
-        log(f"note: {path.parent.name} already finished (model {model}); the resumed run writes to "
-            f"{point.run_dir} and saves a new model")
-    elif newest != path:
-        # Going back to an older step: continue in a new run folder so the later checkpoints survive.
-        point.run_dir = Path(plan.output.checkpoints_dir) / run_id(plan)
-        log(f"note: {path.name} is not the newest checkpoint of {path.parent.name}; "
-            f"the resumed run writes to {point.run_dir}")
     refused, noted = compare(point, plan, dataset_fingerprint)
     if refused and not force:
         raise ResumeError([Problem(d.split(": ", 1)[1], key=d.split(": ", 1)[0]) for d in refused] + [
@@ -119,13 +113,24 @@ def find_resume(plan, spec: str, *, force: bool = False, log=print,
                     hint="resume with the original settings, start a new run without --resume, "
                          "or add --force to resume anyway (the run will differ from an uninterrupted one)")],
             title=f"Cannot resume from {path}: the configuration changed:")
+    if plan.max_steps:  # the total is known before the model loads: fail before loading it
+        check_total_steps(point, plan.max_steps, plan)
+    # A new run folder is created only once the checkpoint is accepted: a refusal leaves no empty one.
+    if model is not None or newest != path:
+        point.run_dir = new_run_dir(plan) if claim else Path(plan.output.checkpoints_dir) / run_id(plan)
+    if model is not None:
+        # Continuing a finished run is a new run: its own folder, so `auto` can later find it unfinished.
+        log(f"note: {path.parent.name} already finished (model {model}); the resumed run writes to "
+            f"{point.run_dir} and saves a new model")
+    elif newest != path:
+        # Going back to an older step: continue in a new run folder so the later checkpoints survive.
+        log(f"note: {path.name} is not the newest checkpoint of {path.parent.name}; "
+            f"the resumed run writes to {point.run_dir}")
     if refused:
         log("warning: resuming despite changed settings (--force): " + "; ".join(refused))
     if noted:
         log("note: resuming with changed settings (they apply from the resumed step on): " + "; ".join(noted))
     point.differences, point.forced = refused + noted, refused
-    if plan.max_steps:  # the total is known before the model loads: fail before loading it
-        check_total_steps(point, plan.max_steps, plan)
     return point
 
 
@@ -189,7 +194,7 @@ def _auto_checkpoint(plan, log) -> Path | _Finished | None:
             # would surprise more than starting afresh.
             return _Finished(run, model)
         path = latest_checkpoint(run, log=lambda m: log(f"warning: {m}"))
-        if path is not None and _saved_preset(path) == plan.preset:
+        if path is not None and saved_preset(path) == plan.preset:
             return path
     return None
 
@@ -218,11 +223,12 @@ def finished_runs(models_dir) -> dict[str, str]:
 
 
 def _run_sort_key(name: str) -> tuple:
-    m = re.search(r"(\d{8})-(\d{6})(?:-(\d+))?$", name)
+    m = re.search(_RUN_TIME, name)
     return (m.group(1), m.group(2), int(m.group(3) or 1)) if m else ("", "", 0)
 
 
-def _saved_preset(path: Path) -> str | None:
+def saved_preset(path: Path) -> str | None:
+    """The preset a checkpoint folder was made with; None when its config.json is unreadable."""
     try:
         return json.loads((path / "config.json").read_text()).get("preset")
     except (OSError, ValueError, AttributeError):

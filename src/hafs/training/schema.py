@@ -118,7 +118,7 @@ class ExpertSection:
     display_name: str
     """Human-readable name, e.g. 'Oracle: Rauru Assembler'."""
     base_model: str
-    """Hugging Face hub id or local directory of the base model."""
+    """Hub id, hafs-demo/NAME, or a local model folder (relative: to this file's folder if it is there or starts ./)."""
     role: str = "general"
     """Short role tag used in output names (asm, debug, ...)."""
     group: str = ""
@@ -138,9 +138,35 @@ class ExpertSection:
         out = _positive(self, "context_window")
         if not self.base_model.strip():
             out.append(("base_model", "must name a hub model id or a local directory"))
+        out += _demo_model_problems(self.base_model)
         if self.prompt_template:
-            out += template_problems("prompt_template", self.prompt_template, TEMPLATE_FIELDS, output_last=True)
+            template = template_problems("prompt_template", self.prompt_template, TEMPLATE_FIELDS, output_last=True)
+            # Without {instruction} every sample's instruction is silently dropped from what the model sees.
+            if not template and "instruction" not in _placeholders(self.prompt_template):
+                template.append(("prompt_template", "has no {instruction} placeholder: every sample's instruction "
+                                                    "would be left out of the prompt"))
+            out += template
         return out
+
+
+def _placeholders(template: str) -> set[str]:
+    """Field names of a str.format template that template_problems accepted."""
+    import string
+
+    return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+
+
+def _demo_model_problems(base_model: str) -> Checks:
+    """An unknown `hafs-demo/NAME`: refused here, not minutes later when the run builds it."""
+    from .demo import DEMO_MODELS, DEMO_PREFIX, is_demo_model
+    from .errors import did_you_mean
+
+    name = base_model.removeprefix(DEMO_PREFIX)
+    if not is_demo_model(base_model) or name in DEMO_MODELS:
+        return []
+    known = ", ".join(DEMO_PREFIX + n for n in DEMO_MODELS)
+    return [("base_model", f"unknown demo model '{base_model}'{did_you_mean(name, DEMO_MODELS)}; "
+                           f"demo models: {known}")]
 
 
 @dataclass

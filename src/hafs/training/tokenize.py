@@ -38,6 +38,7 @@ from .data import (
     split_path,
 )
 from .errors import ConfigError, DatasetError, Problem
+from .keypaths import dotted
 from .templates import has_chat_template, prompt_template, system_prompt
 
 MIN_RESPONSE_TOKENS = 16
@@ -46,6 +47,11 @@ ENCODE_CHUNK = 4096
 """Texts per batched tokenizer call."""
 CACHE_VERSION = 2
 """Bump when the layout or the meaning of cached arrays changes (2: no file paths in the entry)."""
+
+
+def min_response_room(sequence_length: int) -> int:
+    """Response tokens a truncated sample must keep within `sequence_length`, else it is dropped."""
+    return min(MIN_RESPONSE_TOKENS, max(1, sequence_length // 2))
 
 
 @dataclass
@@ -84,6 +90,9 @@ class TokenStats:
             text += f"; {self.truncated} truncated to {self.sequence_length} tokens"
         if self.dropped_too_long:
             text += f"; {self.dropped_too_long} dropped as longer than {self.sequence_length} tokens"
+            if self.long_samples == "truncate":  # only a prompt that leaves no room for the response drops one
+                room = min_response_room(self.sequence_length)
+                text += f" (their prompt leaves fewer than {room} tokens for the response)"
         return text
 
     def to_dict(self) -> dict:
@@ -169,13 +178,14 @@ def _tokenize(raw: RawSplit, plan, tokenizer) -> TokenizedSplit:
     prefix = special_prefix(tokenizer)
     encode = _encoder(tokenizer)
     limit = plan.sequence_length
-    min_room = min(MIN_RESPONSE_TOKENS, max(1, limit // 2))
+    min_room = min_response_room(limit)
     drop_long = plan.dataset.long_samples == "drop"
     stats = TokenStats(sequence_length=limit, long_samples=plan.dataset.long_samples)
 
     pieces: list[list[int]] = []  # prefix, prompt, response[, eos] per kept example
     seg_lens: list[int] = []      # [masked, labelled] token counts per kept example
     lines: list[int] = []
+    dropped: list[tuple[int, int]] = []  # (prompt, whole) tokens of each dropped example, for the error
     bad: list[Problem] = []
     eos_list = [eos]
     # Chat-template prompts carry their own special tokens (as apply_chat_template(tokenize=True)
@@ -195,6 +205,7 @@ def _tokenize(raw: RawSplit, plan, tokenizer) -> TokenizedSplit:
                 room = limit - n_prompt
                 if drop_long or room < min_room:
                     stats.dropped_too_long += 1
+                    dropped.append((n_prompt, n_prompt + n_resp))
                     continue
                 r_ids, n_resp, tail = r_ids[:room], room, []
                 stats.truncated += 1
@@ -215,9 +226,7 @@ def _tokenize(raw: RawSplit, plan, tokenizer) -> TokenizedSplit:
     if n == 0:
         problem = (Problem(f"all {len(rows)} chat rows were rejected by the chat template and skipped",
                            key=f"{key}.on_bad_rows") if len(bad) == len(rows) else
-                   Problem(f"all {len(rows) - len(bad)} samples are longer than sequence_length {limit} tokens "
-                           f"(long_samples = \"{plan.dataset.long_samples}\")", key=f"{key}.long_samples",
-                           hint="raise sequence_length, or shorten the prompts"))
+                   _all_too_long(plan, raw.stats.split, dropped, drop_long, min_room))
         raise DatasetError([problem], title=f"{where} is empty after tokenizing: {raw.stats.path}")
     seg = np.asarray(seg_lens, dtype=np.int64)
     total = int(seg.sum())
@@ -235,6 +244,27 @@ def _tokenize(raw: RawSplit, plan, tokenizer) -> TokenizedSplit:
     stats.max = int(lengths.max())
     return TokenizedSplit(split=raw.stats.split, input_ids=input_ids, label_mask=label_mask, offsets=offsets,
                           lines=np.asarray(lines, dtype=np.int32), raw=raw.stats, stats=stats)
+
+
+def _all_too_long(plan, split: str, dropped: list[tuple[int, int]], drop_long: bool, min_room: int) -> Problem:
+    """Why every sample was dropped, in figures, and the sequence_length that would keep them."""
+    limit = plan.sequence_length
+    if drop_long:
+        shortest = min(whole for _, whole in dropped)
+        return Problem(f"all {len(dropped)} samples are longer than sequence_length {limit} tokens "
+                       f"(long_samples = \"drop\"): the shortest {split} sample is {shortest} tokens",
+                       key=f"datasets.{plan.dataset_name}.long_samples",
+                       hint=f"raise sequence_length to at least {shortest}, or set long_samples = \"truncate\" "
+                            "to cut long responses to fit")
+    # Truncation cuts responses, never prompts: a prompt that leaves no room for an answer teaches nothing.
+    prompts = [p for p, _ in dropped]
+    low, mid, high = (int(v) for v in np.percentile(prompts, [0, 50, 100], method="nearest"))
+    return Problem(f"all {len(dropped)} samples of the {split} split were dropped: their prompts (all but the "
+                   f"response) are {low} to {high} tokens (median {mid}), leaving fewer than {min_room} tokens for "
+                   f"the response within sequence_length {limit}",
+                   key=dotted(["presets", plan.preset, "sequence_length"]), file=plan.config_file(),
+                   hint=f"raise sequence_length to at least {low + MIN_RESPONSE_TOKENS} "
+                        f"({high + MIN_RESPONSE_TOKENS} keeps every sample), or shorten the prompt template")
 
 
 def _render_chunk(chunk: list, plan, tokenizer, bad: list[Problem], path: str) -> tuple[list, list[tuple[str, str]]]:

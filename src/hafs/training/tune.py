@@ -120,6 +120,20 @@ def check_evaluates(cfg, plan, params: list[Param], base: dict, space: str) -> N
                         "or a larger max_steps")], title="Cannot tune:")
 
 
+def check_outputs(plan, keep_models: bool) -> None:
+    """A ConfigError when a folder the search writes is unusable, before trial 0 (or the study) is made.
+
+    The study always goes to logs_dir, which a training run's preflight checks only for trackers; the
+    trials' models and checkpoints go to the configured folders only with --keep-models (else to scratch).
+    """
+    from .preflight import output_problems
+
+    keys = ("logs_dir",) + (("models_dir", "checkpoints_dir") if keep_models else ())
+    problems = output_problems(plan, keys)
+    if problems:
+        raise ConfigError(problems, title="Cannot tune:")
+
+
 class _ReportedFailures(logging.Filter):
     """Drops Optuna's 'Trial N failed' warnings (with traceback) for trials that hafs reports itself."""
 
@@ -149,6 +163,7 @@ def tune(cfg, preset: str, *, trials: int, space: str | None = None, keep_models
         plan = resolve(cfg, preset, base)
     params = load_space(cfg, name, plan)
     check_evaluates(cfg, plan, params, base, name)
+    check_outputs(plan, keep_models)
     fixed = fixed_settings(plan, params)
     digest = settings_hash(fixed)
     path = study_path(plan, name)
@@ -169,7 +184,8 @@ def tune(cfg, preset: str, *, trials: int, space: str | None = None, keep_models
     done = finished(study)
     todo = max(0, trials - done)
     log(f"Study {study_name} in {path}: {done} finished trial(s), running {todo} more "
-        f"({len(params)} parameter(s): {', '.join(p.key for p in params)})")
+        f"({len(params)} parameter(s): {', '.join(p.key for p in params)})"
+        + (f"; --trials is the study's total: use --trials {done + trials} for {trials} more" if not todo else ""))
     if others and not so_far:
         log(f"  (a new study: {digest} identifies its fixed settings"
             + (f", --set {', '.join(f'{k}={v}' for k, v in user.items())}" if user else "")
