@@ -95,6 +95,14 @@ def wait_for(proc: subprocess.Popen, found, what: str, timeout: float = TIMEOUT)
     pytest.fail(f"timed out waiting for {what}")
 
 
+def killed_after_checkpoint_2(config: Path, root: Path) -> None:
+    """Start a run of `config` and SIGKILL it once checkpoint-2 is complete under `root`."""
+    proc = start(config, slow_ms=300)
+    wait_for(proc, complete_checkpoint(root, 2), "checkpoint-2")
+    proc.kill()
+    proc.wait(timeout=30)
+
+
 def complete_checkpoint(root: Path, min_step: int):
     def found():
         from hafs.training.checkpoint import checkpoint_step
@@ -221,10 +229,7 @@ def test_a_diverging_run_stops_with_a_clear_message_and_writes_no_model(tmp_path
 
 def test_resume_with_a_changed_lora_shape_is_refused(tmp_path, tiny_model):
     config = make_run(tmp_path, tiny_model, max_steps=4)
-    proc = start(config, slow_ms=300)
-    wait_for(proc, complete_checkpoint(tmp_path, 2), "checkpoint-2")
-    proc.kill()
-    proc.wait(timeout=30)
+    killed_after_checkpoint_2(config, tmp_path)
     done = subprocess.run(command(config, "--resume", "auto", "--set", "lora.r=8"), capture_output=True,
                           text=True, timeout=TIMEOUT, env=env(), cwd=REPO)
     assert done.returncode == 2 and "lora.r: 4 → 8" in done.stderr and "--force" in done.stderr
@@ -338,10 +343,7 @@ def test_a_file_in_place_of_the_checkpoints_folder_mid_run_loses_nothing(tmp_pat
 
 def test_resume_with_num_epochs_ending_at_or_before_the_checkpoint_is_refused(tmp_path, tiny_model):
     config = make_run(tmp_path, tiny_model, num_epochs=1)
-    proc = start(config, slow_ms=300)
-    wait_for(proc, complete_checkpoint(tmp_path, 2), "checkpoint-2")
-    proc.kill()
-    proc.wait(timeout=30)
+    killed_after_checkpoint_2(config, tmp_path)
     from hafs.training.checkpoint import checkpoint_step, latest_checkpoint, verify
 
     last = latest_checkpoint(next((tmp_path / "checkpoints").iterdir()))
