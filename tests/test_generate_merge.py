@@ -95,6 +95,23 @@ def test_interactive_keeps_the_conversation_until_reset(model_dir, capsys):
     assert capsys.readouterr().out.count("expert> ") == 3
 
 
+def test_interactive_ends_the_conversation_on_ctrl_c_but_lets_sigterm_end_the_program(model_dir, capsys):
+    import signal
+
+    from hafs.training.faults import Terminated
+
+    _, plan, model, tokenizer = model_dir
+
+    def ask(exc):
+        def raiser(_):
+            raise exc
+        return raiser
+
+    assert gen.interactive(model, tokenizer, plan, max_new_tokens=4, ask=ask(KeyboardInterrupt())) == []
+    with pytest.raises(Terminated):  # the CLI turns it into exit 143, as for any command
+        gen.interactive(model, tokenizer, plan, max_new_tokens=4, ask=ask(Terminated(signal.SIGTERM)))
+
+
 def test_merged_model_loads_plainly_and_matches_base_plus_adapter(model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -22,6 +22,7 @@ import warnings
 from pathlib import Path
 
 from .errors import ConfigError, Problem
+from .faults import Terminated
 
 HELP = "commands: /input TEXT (input for the next message), /reset (forget the conversation), /exit"
 
@@ -140,6 +141,8 @@ def interactive(model, tokenizer, plan, *, max_new_tokens: int, input_text: str 
         else:
             try:
                 line = ask("you> ")
+            except Terminated:  # a SIGTERM ends the program (exit 143), not only the conversation
+                raise
             except (EOFError, KeyboardInterrupt):
                 out("")
                 break
