@@ -171,3 +171,42 @@ def test_launch_without_skypilot_explains_how_to_get_it(dataset, monkeypatch):
     with pytest.raises(ConfigError) as err:
         cmd_launch(_args(dry_run=False, overrides=[f"dataset.path={dataset}"]))
     assert "pipx install skypilot" in str(err.value) and "--dry-run" in str(err.value)
+
+
+def test_a_signal_while_torchrun_starts_reaches_the_workers(monkeypatch):
+    """A SIGTERM that lands while the launcher starts torchrun (its handlers already in) is handed on once
+    torchrun exists, instead of stopping the launcher alone and leaving torchrun training as an orphan."""
+    import os
+    import signal
+    import subprocess
+    from types import SimpleNamespace
+
+    from hafs.training import relaunch
+
+    sent = []
+
+    class Agent:
+        pid = 4242
+
+        def __init__(self, cmd, **kwargs):
+            assert kwargs["start_new_session"]
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives inside Popen, before the launcher knows the pid
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(relaunch, "relaunch_command", lambda plan, argv: ["torchrun", "train.py"])
+    monkeypatch.setattr(subprocess, "Popen", Agent)
+    monkeypatch.setattr(relaunch, "signal_workers", lambda pid, signum: sent.append((pid, signum)))
+    plan = SimpleNamespace(hardware=SimpleNamespace(num_nodes=1), world_size=lambda: 2)
+    missed = []  # where the signal goes if the launcher's handlers are not in yet (instead of killing pytest)
+    def miss(signum, _frame):
+        missed.append(signum)
+
+    before = signal.signal(signal.SIGTERM, miss)
+    try:
+        assert relaunch.relaunch(plan, [], log=lambda *_: None) == 0  # no status file: torchrun's own code
+        assert sent == [(4242, signal.SIGTERM)] and missed == []
+        assert signal.getsignal(signal.SIGTERM) is miss  # the launcher put the caller's handler back
+    finally:
+        signal.signal(signal.SIGTERM, before)

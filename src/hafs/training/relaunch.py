@@ -41,11 +41,26 @@ def relaunch(plan, argv: list[str] | None = None, log=print) -> int:
     log(f"Launching {plan.world_size()} workers: {' '.join(map(shlex.quote, cmd))}")
     with tempfile.TemporaryDirectory(prefix="hafs-launch-") as tmp:
         status = Path(tmp) / "status"
-        proc = subprocess.Popen(cmd, env=dict(os.environ, **{STATUS_ENV: str(status)}), start_new_session=True)
-        previous = {sig: signal.signal(sig, lambda signum, _frame: signal_workers(proc.pid, signum))
-                    for sig in FORWARDED}
+        # The handlers go in before torchrun starts: a signal in between would otherwise stop this process
+        # alone (the CLI's "nothing was saved") and leave torchrun, in its own session, training on.
+        started: list[subprocess.Popen] = []
+        pending: list[int] = []
+
+        def forward(signum, _frame):
+            if started:
+                signal_workers(started[0].pid, signum)
+            else:
+                pending.append(signum)
+
+        previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
         try:
-            code = proc.wait()
+            if pending:  # stopped before anything started: nothing to hand the signal to
+                return 128 + int(pending[0])
+            started.append(subprocess.Popen(cmd, env=dict(os.environ, **{STATUS_ENV: str(status)}),
+                                            start_new_session=True))
+            if pending:  # arrived while Popen ran: the agent passes it on to the workers it starts
+                signal_workers(started[0].pid, pending[0])
+            code = started[0].wait()
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
