@@ -409,6 +409,38 @@ def test_rescue_dir_is_beside_checkpoints_dir_and_auto_resumes_from_it(plan):
     assert point.path == rescued and point.run_dir == rescue
 
 
+def test_resuming_an_older_step_of_a_rescued_run_starts_a_new_folder_that_auto_then_prefers(plan):
+    model, opt, sched = build()
+    older = _run_with_checkpoint(plan, model, opt, sched, 2, when=1)
+    rescue = checkpoint.rescue_dir(older.parent)
+    newer = save(rescue, model, opt, sched, TinyState(step=4), plan, dataset_fingerprint="f" * 64)
+    log = []
+    point = resume.find_resume(plan, str(older), log=log.append, dataset_fingerprint="f" * 64)
+    # Continuing in checkpoints/R would leave step 4 of its namesake ahead of this run's steps.
+    assert point.path == older and point.run_dir not in (older.parent, rescue)
+    assert point.run_dir.parent == older.parent.parent and f"({newer} is)" in log[0]
+    went_on = save(point.run_dir, model, opt, sched, TinyState(step=3), plan, dataset_fingerprint="f" * 64)
+    assert resume.find_resume(plan, "auto", log=lambda m: None).path == went_on
+    # Its newest checkpoint is in the rescue folder: an explicit resume of it goes on there, in no new folder.
+    assert resume.find_resume(plan, str(newer), log=lambda m: None).run_dir == rescue
+    assert checkpoint.newest_checkpoint(checkpoint.run_folders(plan.output.checkpoints_dir, rescue.name)) == newer
+
+
+def test_a_run_resumed_from_its_rescue_folder_is_rescued_back_into_its_own_not_a_second_hop(plan):
+    model, opt, sched = build()
+    root = checkpoint.Path(plan.output.checkpoints_dir)
+    own = _run_with_checkpoint(plan, model, opt, sched, 2, when=1).parent
+    rescued = checkpoint.rescue_for(root, own)
+    assert rescued == checkpoint.rescue_dir(own) == root.with_name(root.name + "-rescued") / own.name
+    save(rescued, model, opt, sched, TinyState(step=4), plan, dataset_fingerprint="f" * 64)
+    point = resume.find_resume(plan, "auto", log=lambda m: None)
+    assert point.run_dir == rescued  # it goes on there; when that folder fails too, recipe.run saves to:
+    again = checkpoint.rescue_for(root, point.run_dir)
+    assert again == own  # (rescue_dir(rescued) was checkpoints-rescued-rescued/, which auto never searched)
+    latest = save(again, model, opt, sched, TinyState(step=6), plan, dataset_fingerprint="f" * 64)
+    assert resume.find_resume(plan, "auto", log=lambda m: None).path == latest
+
+
 def test_an_interrupt_during_save_leaves_no_partial_folder(tmp_path, plan, monkeypatch):
     def interrupt(path, data):
         raise KeyboardInterrupt
@@ -548,6 +580,34 @@ def test_a_changed_config_is_refused_with_each_difference_unless_forced(plan, sh
     assert len(point.forced) == 3 and point.to_metadata()["forced"] is True
     assert "learning_rate: 0.001 → 0.0001" in point.to_metadata()["differences"]
     assert any("learning_rate: 0.001 → 0.0001" in m for m in log)
+
+
+def _saved_base_model(path, value):
+    """Rewrite checkpoint `path`'s config.json with `value` as expert.base_model, as an older hafs saved it."""
+    saved = json.loads((path / "config.json").read_text())
+    saved["expert"]["base_model"] = value
+    (path / "config.json").write_text(json.dumps(saved))
+    _refresh_manifest(path)
+
+
+def test_a_checkpoint_with_the_old_relative_base_model_resumes(plan, tmp_path, monkeypatch):
+    # A relative base_model is now made absolute from the config file's folder; checkpoints saved before
+    # hold it as typed, which the older hafs loaded from the working directory.
+    config_dir = checkpoint.Path(plan.config_path).parent
+    plan.expert.base_model = str(config_dir / "models" / "base")
+    model, opt, sched = build()
+    saved = _run_with_checkpoint(plan, model, opt, sched, 2, when=1)
+    _saved_base_model(saved, "./models/base")
+    log = []
+    point = resume.find_resume(plan, "auto", log=log.append, dataset_fingerprint="f" * 64)
+    assert point.path == saved and point.differences == [] and log == []
+    monkeypatch.chdir(tmp_path)  # the working directory's reading of it counts too (config fixed to "../x")
+    plan.expert.base_model = str(tmp_path / "models" / "base")
+    assert resume.find_resume(plan, str(saved), log=log.append).differences == []
+    _saved_base_model(saved, "./models/other")  # another model is still refused
+    with pytest.raises(ResumeError) as info:
+        resume.find_resume(plan, str(saved), log=log.append)
+    assert 'expert.base_model: "./models/other" → ' in info.value.render()
 
 
 def test_an_unchanged_config_resumes_without_notes(plan):

@@ -194,6 +194,7 @@ def test_train_dry_run_is_show_and_loads_no_model(capsys, monkeypatch):
     (["export", "m", "--config", "c.toml"], "unrecognized arguments: --config"),
     (["launch", "demo", "--dry-run", "--json"], "unrecognized arguments: --json"),
     (["tune", "demo", "--json"], "unrecognized arguments: --json"),
+    (["eval", "m", "--config", "c.toml"], "--config only applies to evaluating on another --dataset"),
 ])
 def test_options_a_command_would_ignore_are_refused(args, says, capsys):
     from hafs.training.cli import main
@@ -208,10 +209,20 @@ def test_options_a_command_would_ignore_are_refused(args, says, capsys):
     (["--eval", "m", "--no-register", "--dry-run"], "--dry-run, --no-register apply only when training a PRESET"),
     (["demo", "--list-presets"], "give one of PRESET, --list-*, --detect or --eval, not PRESET and --list-*"),
     (["demo", "--dataset", "other"], "--dataset goes with --eval MODEL_DIR"),
+    (["--eval", "m", "--config", "c.toml"], "--config only applies to evaluating on another --dataset"),
+    (["--list-presets", "--force", "--no-eval", "--report-to", "wandb"],
+     "--report-to, --force, --no-eval apply only when training a PRESET"),
 ])
 def test_train_script_refuses_options_it_would_drop(args, says):
     out = run(args)
     assert out.returncode == 2 and says in out.stderr and out.stdout == ""
+
+
+def test_eval_reads_config_with_dataset(tmp_path, capsys):
+    from hafs.training.cli import main
+
+    assert main(["eval", str(tmp_path / "no-model"), "--config", "c.toml", "--dataset", "d"]) == 2  # not refused
+    assert "only applies" not in capsys.readouterr().err
 
 
 def test_tune_says_trials_is_the_total(tmp_path, tiny_model, capsys):
@@ -268,3 +279,43 @@ def test_train_json_prints_one_json_answer(tmp_path, tiny_model, capsys, one_thr
     answer = json.loads(printed.out)  # the whole of stdout: progress went to stderr
     assert answer["ok"] is True and (Path(answer["model_dir"]) / "metadata.json").is_file()
     assert "step 2/2" in printed.err
+
+
+def test_a_stop_before_training_repeats_every_train_option_and_answers_json():
+    """`hafs train big --force`, Ctrl-C while loading: the printed command must pass the memory check again."""
+    code = ("import os, sys, time; from hafs.training import cli\n"
+            "def train(args):\n"
+            f"    os.kill(os.getpid(), {int(signal.SIGTERM)}); time.sleep(30)\n"
+            "cli.cmd_train = train\n"
+            "sys.exit(cli.main(['train', 'demo', '--set', 'seed=3', '--force', '--no-eval', '--no-register', "
+            "'--report-to', 'tensorboard', '--json']))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert done.returncode == 143 and "Traceback" not in done.stderr, done.stderr
+    again = ("python scripts/train.py demo --set seed=3 --set 'report_to=[\"tensorboard\"]' --force --no-eval "
+             "--no-register")
+    assert done.stderr.strip() == f"Interrupted (SIGTERM) before training began: nothing was saved. Start again " \
+                                  f"with: {again}"
+    answer = json.loads(done.stdout)  # the one answer on stdout, as for an error
+    assert answer["ok"] is False and answer["exit_code"] == 143 and again in answer["problems"][0]["message"]
+
+
+def test_a_run_stopped_in_training_says_to_resume_with_its_own_options(tmp_path, tiny_model, capsys, monkeypatch,
+                                                                        one_thread):
+    from conftest import tiny_config
+
+    from hafs.training import engine
+    from hafs.training.cli import main
+
+    def stopped_at_once(*args, **kwargs):  # a Ctrl-C that lands in the training loop, at step 0
+        os.kill(os.getpid(), signal.SIGINT)
+        return args[5]
+
+    monkeypatch.setattr(engine, "train", stopped_at_once)
+    config = tiny_config(tmp_path, tiny_model, preset="t", hyperparameters="max_steps = 2", hyperparameters_name="h")
+    assert main(["train", "t", "--config", str(config), "--force", "--no-eval", "--register", "--json"]) == 130
+    printed = capsys.readouterr()
+    assert f"--config {config} --force --no-eval --register --resume auto" in printed.err, printed.err
+    answer = json.loads(printed.out)
+    assert answer["ok"] is False and answer["exit_code"] == 130 and "--force --no-eval --register --resume auto" \
+        in answer["problems"][0]["message"]

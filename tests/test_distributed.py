@@ -172,6 +172,30 @@ def test_launch_commands_for_one_and_several_nodes():
     assert not distributed.needs_launch(plan, {"WORLD_SIZE": "8"}) and distributed.needs_launch(plan, {})
 
 
+def test_every_worker_names_rank_0s_checkpoint_when_the_loss_diverges(tmp_path, tiny_model):
+    """Other ranks learn rank 0's run folder: their own clock's guess lacks its -2 suffix (or is a second off)."""
+    import datetime as dt
+
+    config = make_config(tmp_path, tiny_model, accumulation=1, steps="max_steps = 8")
+    now = dt.datetime.now()
+    for second in range(600):  # every name of the next minutes is taken: rank 0 gets a "-2" folder
+        (tmp_path / "checkpoints" / f"{PRESET}-{(now + dt.timedelta(seconds=second)):%Y%m%d-%H%M%S}").mkdir(
+            parents=True)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
+               PYTHONUNBUFFERED="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "HAFS_TEST_SLOW_STEP_MS"):
+        env.pop(key, None)
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), PRESET, "--config", str(config),
+                           "--no-eval", "--set", "hardware.num_gpus=2", "--set", "learning_rate=1e30"],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=REPO, check=False)
+    text = done.stdout + done.stderr
+    assert done.returncode != 0 and ("became nan" in text or "became inf" in text), text[-3000:]
+    (run_dir,) = (tmp_path / "checkpoints").glob(f"{PRESET}-*-2")
+    (last,) = run_dir.glob("checkpoint-*")
+    assert text.count(f"last good checkpoint: {last};") == 2, text[-3000:]  # rank 0's and rank 1's message
+    assert "no checkpoint was saved" not in text, text[-3000:]
+
+
 def test_single_process_context_is_a_no_op():
     from hafs.training.distributed import env_context
 

@@ -225,6 +225,8 @@ def test_a_diverging_run_stops_with_a_clear_message_and_writes_no_model(tmp_path
     assert done.returncode == 3, text[-3000:]
     assert "became nan" in text or "became inf" in text
     assert "learning rate" in text and model_dirs(tmp_path) == []
+    (last,) = tmp_path.glob("checkpoints/*/checkpoint-2")  # saved before it diverged at step 3: named, once
+    assert text.count(f"last good checkpoint: {last};") == 1, text[-3000:]
 
 
 def test_resume_with_a_changed_lora_shape_is_refused(tmp_path, tiny_model):

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 import tomllib
 from argparse import Namespace
 from pathlib import Path
@@ -271,3 +276,70 @@ def test_an_unusable_logs_dir_is_refused_before_trial_0_with_its_key(tmp_path, t
             "is a file, not a folder") in out.err, out.err
     assert "Cannot tune:" in out.err and "Internal error" not in out.err and "Traceback" not in out.err
     assert "trial 0" not in out.out + out.err and (tmp_path / "afile").read_text() == "the user's\n"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_a_trial_ends_the_search_and_the_same_command_continues_it(tmp_path, tiny_model, capsys,
+                                                                                   monkeypatch, signum):
+    """A real Ctrl-C / SIGTERM while trial 1 trains: exit 128+N, one message, trial 1 left out of the ranking."""
+    from hafs.training.tune import cmd_tune
+
+    config = write_config(tmp_path, tiny_model)
+    args = ["tune", PRESET, "--config", str(config), "--trials", "2", "--set", "save_steps=1"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
+               PYTHONUNBUFFERED="1", HAFS_TEST_SLOW_STEP_MS="500", TMPDIR=str(tmp_path))  # trials' scratch in tmp_path
+    log = tmp_path / "tune.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-c", "import sys; from hafs.training.cli import main; "
+                                 "sys.exit(main())", *args], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        deadline = time.time() + 300
+        while not list(tmp_path.glob("hafs-tune-1-*/checkpoints/*/checkpoint-*/manifest.json")):  # trial 1 trains
+            assert proc.poll() is None and time.time() < deadline, log.read_text()
+            time.sleep(0.02)
+        proc.send_signal(signum)
+        code = proc.wait(timeout=120)
+    text = log.read_text()
+    name = signal.Signals(signum).name
+    assert code == 128 + signum, text
+    assert f"Received {name}: stopping the search" in text and f"Interrupted ({name}) during trial 1" in text, text
+    assert "keeps its 1 finished trial(s)" in text and "run the same hafs tune command again" in text, text
+    assert "trial 2:" not in text and "trial 1: failed" not in text and "Resume with" not in text, text
+    assert "Traceback" not in text and "Internal error" not in text, text
+    assert not list(tmp_path.glob("hafs-tune-*")), "the trial's scratch folder is left behind"
+
+    storage = f"sqlite:///{tmp_path / 'logs' / 'tuning' / f'{PRESET}-{PRESET}.db'}"
+    (study_name,) = optuna.get_all_study_names(storage=storage)
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    # FAIL: the sampler, the pruner and best_trial ignore it, and --trials does not count it
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL"]
+    assert study.trials[1].user_attrs["interrupted"] == name and "error" not in study.trials[1].user_attrs
+
+    monkeypatch.delenv("HAFS_TEST_SLOW_STEP_MS", raising=False)
+    capsys.readouterr()
+    assert cmd_tune(tune_args(config, 2, overrides=["save_steps=1"])) == 0  # the same command continues
+    out = capsys.readouterr().out
+    assert "1 finished trial(s), running 1 more" in out
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "COMPLETE"]
+    assert study.best_trial.number in (0, 2)
+    assert re.search(r"^\s+1\s+interrupted\s", out, re.M), out
+
+
+def test_a_signal_while_a_trial_loads_its_model_ends_the_search_too(tmp_path, tiny_model, monkeypatch):
+    import hafs.training.recipe as recipe
+    from hafs.training import faults
+    from hafs.training.tune import tune
+
+    def loading(*args, **kwargs):  # SIGTERM before the training loop (the CLI's terminate_as_interrupt)
+        raise faults.Terminated(signal.SIGTERM)
+
+    monkeypatch.setattr(recipe, "run", loading)
+    lines = []
+    with pytest.raises(faults.Interrupted) as err:
+        tune(load_config(write_config(tmp_path, tiny_model)), PRESET, trials=2, log=lines.append)
+    assert err.value.exit_code == 143 and "Interrupted (SIGTERM) during trial 0" in err.value.render()
+    assert not [line for line in lines if line.startswith("trial 1")], lines
+    storage = f"sqlite:///{tmp_path / 'logs' / 'tuning' / f'{PRESET}-{PRESET}.db'}"
+    (trial,) = optuna.load_study(study_name=optuna.get_all_study_names(storage=storage)[0], storage=storage).trials
+    assert trial.state.name == "FAIL" and trial.user_attrs["interrupted"] == "SIGTERM"

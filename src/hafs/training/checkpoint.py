@@ -16,8 +16,8 @@ It is built under `.tmp-checkpoint-<step>-<pid>/` and renamed into place once co
 any moment leaves either the previous checkpoints or a complete new one (a stale temp folder is
 ignored and cleaned later). Every byte goes through `_write_file`, so a full disk surfaces as an
 OSError we turn into a TrainingError, never torch's opaque "file write failed". A run whose folder
-cannot be written (a file put in its place, a full disk) saves in `rescue_dir` instead and trains on
-(recipe.run); `--resume auto` searches there too.
+cannot be written (a file put in its place, a full disk) saves in `rescue_for` instead and trains on
+(recipe.run); `--resume auto` takes a run's checkpoints from both folders together.
 
 Resume is exact because everything that decides the next step is saved: weights, optimizer moments,
 scheduler step, every RNG (dropout), and the data position (epoch, micro-batch) — the order of an
@@ -134,12 +134,43 @@ def rescue_dir(run_dir: Path) -> Path:
     """Where a run's checkpoints go when its own folder cannot be written: `<checkpoints_dir>-rescued/<run>/`.
 
     Beside the configured folder, not in it: whatever blocked that folder (a file put in its place, a
-    permission change) is left as it is, and the run keeps a resumable checkpoint.
+    permission change) is left as it is, and the run keeps a resumable checkpoint. For a run that is
+    writing, ask `rescue_for`: from a rescued folder this would give a second `-rescued-rescued` hop,
+    which `--resume auto` does not search.
     """
     run_dir = Path(os.path.abspath(run_dir))
     root = run_dir.parent
     return root.with_name(root.name + RESCUE_SUFFIX) / run_dir.name if root.name else run_dir.with_name(
         run_dir.name + RESCUE_SUFFIX)
+
+
+def run_folders(checkpoints_dir, name: str) -> tuple[Path, Path]:
+    """The two folders that hold checkpoints of run `name`: its own under checkpoints_dir, and its rescue folder."""
+    own = Path(checkpoints_dir) / name
+    return own, rescue_dir(own)
+
+
+def rescue_for(checkpoints_dir, run_dir: Path) -> Path:
+    """Where a run writing to `run_dir` saves a checkpoint that run_dir cannot take: its namesake (`run_folders`).
+
+    A run resumed from its rescue folder goes back to its own one: both are where `--resume auto` looks.
+    """
+    own, rescued = run_folders(checkpoints_dir, Path(run_dir).name)
+    return own if Path(os.path.abspath(run_dir)) == rescued else rescued
+
+
+def newest_checkpoint(folders, log=None) -> Path | None:
+    """Newest verified checkpoint over `folders` (one run's namesakes, `run_folders`); a tie goes to the later folder.
+
+    A run's steps may be split between its folder and the rescue folder (rescued after a failed save, or
+    resumed from either one): which checkpoint is newest is a question about both.
+    """
+    best = None
+    for folder in folders:
+        found = latest_checkpoint(folder, log=log or _warn)
+        if found is not None and (best is None or checkpoint_step(found) >= checkpoint_step(best)):
+            best = found
+    return best
 
 
 def _write_file(path: Path, data: bytes) -> None:

@@ -67,10 +67,6 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     reg.add_argument("--no-register", dest="register", action="store_false")
 
 
-_TRAIN_DESTS = ("overrides", "dry_run", "resume", "force", "evaluate", "report_to", "register")
-"""The dests _train_options adds."""
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hafs", description="Configuration-driven LoRA fine-tuning.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -176,22 +172,22 @@ def train_script_main(argv: list[str] | None = None) -> int:
         parser.error(f"give one of PRESET, --list-*, --detect or --eval, not {' and '.join(actions)}")
     if args.dataset and not args.eval_dir:
         parser.error("--dataset goes with --eval MODEL_DIR (a training run takes its dataset from the preset)")
-    defaults: dict = {}
-    for a in parser._actions:  # the first action of a dest sets its default (--register's None, not --no-register's)
-        defaults.setdefault(a.dest, a.default)
-    training = [a.option_strings[0] for a in parser._actions  # train's own options (see _train_options)
-                if a.dest in _TRAIN_DESTS and getattr(args, a.dest) != defaults[a.dest]
-                and (a.const is None or getattr(args, a.dest) == a.const)]  # which of --register/--no-register
+    from .faults import run_flags
+
+    # train's own options (see _train_options), as typed
+    training = [flag for flag, given in (("--set", args.overrides), ("--dry-run", args.dry_run),
+                                         ("--resume", args.resume), ("--report-to", args.report_to)) if given]
+    training += run_flags(args)  # --force, --no-eval, --register / --no-register
     if training and not args.preset:
-        parser.error(f"{', '.join(dict.fromkeys(training))} {'apply' if len(training) > 1 else 'applies'} "
-                     "only when training a PRESET")
+        parser.error(f"{', '.join(training)} {'apply' if len(training) > 1 else 'applies'} only when training a PRESET")
     if args.list_what:
         args.what = args.list_what
         return _run(COMMANDS["list"], args)
     if args.detect:
         return _run(COMMANDS["detect"], args)
     if args.eval_dir:
-        args.model_dir = args.eval_dir
+        args.command, args.model_dir = "eval", args.eval_dir
+        _refuse_ignored(parser, args)
         return _run(COMMANDS["eval"], args)
     if not args.preset:
         parser.print_help()
@@ -206,6 +202,8 @@ _ONLY_WITH = (
     ("models", "dataset", "--dataset", lambda a: a.action == "list", "'hafs models list'"),
     ("models", "yes", "--yes", lambda a: a.action == "rm", "'hafs models rm'"),
     ("generate", "json", "--json", lambda a: not a.interactive, "a single reply (not --interactive)"),
+    # The model folder carries the settings it was trained with; the config is read for another dataset only.
+    ("eval", "config", "--config", lambda a: a.dataset, "evaluating on another --dataset"),
 )
 
 
@@ -241,18 +239,17 @@ def _run_command(target: str, args) -> int:
 
         # rank 0 alone saves a checkpoint and says where
         if is_main_process() or not isinstance(exc, faults.Interrupted):
-            print(f"Error: {exc.render()}", file=sys.stderr)
-            if getattr(args, "json", False):  # a program reading stdout gets the refusal too, not an empty page
-                print(json.dumps({"ok": False, "error": exc.title or exc.kind, "exit_code": exc.exit_code,
-                                  "problems": [dataclasses.asdict(p) for p in exc.problems]}, indent=2))
+            _report(exc, args)
         return exc.exit_code
     except KeyboardInterrupt as exc:  # outside a training loop's guard (which turns a first signal into Interrupted)
         from .distributed import is_main_process
+        from .errors import Problem
 
         signum = getattr(exc, "signum", signal.SIGINT)
         if is_main_process():
             began = faults.SignalGuard.entered > guards
-            print(f"\n{_interrupted(target, args, signal.Signals(signum).name, began)}", file=sys.stderr)
+            text = _interrupted(target, args, signal.Signals(signum).name, began)
+            _report(faults.Interrupted([Problem(text)], exit_code=128 + int(signum)), args, prefix="\n")
         return 128 + int(signum)
     except BrokenPipeError:  # the reader left (`| head`): not an error; keep the exit-time flush quiet too
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -267,12 +264,20 @@ def _run_command(target: str, args) -> int:
         return 1
 
 
+def _report(exc: HafsError, args, prefix: str = "Error: ") -> None:
+    """Print why the command stopped: to stderr, and with --json as the one JSON answer on stdout."""
+    print(f"{prefix}{exc.render()}", file=sys.stderr)
+    if getattr(args, "json", False):  # a program reading stdout gets the refusal too, not an empty page
+        print(json.dumps({"ok": False, "error": exc.title or exc.kind, "exit_code": exc.exit_code,
+                          "problems": [dataclasses.asdict(p) for p in exc.problems]}, indent=2))
+
+
 def _interrupted(target: str, args, name: str, training_began: bool) -> str:
     """The line a stop by signal ends with; for a run stopped before its training loop: how to start again."""
     if target.endswith(":cmd_train") and not training_began and not args.dry_run:
-        from .faults import train_command
+        from .faults import run_flags, train_command
 
-        again = train_command(args.preset, args.config, _overrides(args), args.resume)
+        again = train_command(args.preset, args.config, _overrides(args), args.resume, run_flags(args))
         return f"Interrupted ({name}) before training began: nothing was saved. Start again with: {again}"
     return f"Interrupted ({name})."
 

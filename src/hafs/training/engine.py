@@ -360,10 +360,14 @@ def non_finite_loss(value: float, state: TrainState, plan, settings: RunSettings
     if settings.precision == "fp16":
         causes.insert(0, "fp16 overflow (Qwen models overflow in fp16): use precision = \"bf16\" or \"fp32\"")
     causes.append("a corrupt base model or extreme data (very long repeated tokens)")
-    return TrainingError([Problem(
-        f"{what} became {value} at step {state.step + 1} (epoch {state.epoch}, micro-batch {state.micro_batch}); "
+    from .faults import NonFiniteLoss  # its type lets faults.translate add the run's last good checkpoint
+
+    where = f"epoch {state.epoch}, micro-batch {state.micro_batch}"
+    return NonFiniteLoss([Problem(
+        f"{what} became {value} at step {state.step + 1} ({where}); "
         "training stopped before the update, so no NaN weights were written",
-        key=f"presets.{plan.preset}", hint="likely causes: " + "; ".join(causes))])
+        key=f"presets.{plan.preset}", hint="likely causes: " + "; ".join(causes))],
+        step=state.step + 1, loss=value, details={"what": what, "precision": settings.precision, "where": where})
 
 
 def evaluate_loss(model, batches, settings: RunSettings | None = None) -> tuple[float, int]:

@@ -203,17 +203,18 @@ def _invocation(argv0: str | None = None) -> list[str]:
     return ["python", "scripts/train.py"]
 
 
-def resume_command(plan, overrides=(), resume: str = "auto") -> str:
-    """The command that continues this run (with the same --config and --set options).
+def resume_command(plan, overrides=(), resume: str = "auto", flags=()) -> str:
+    """The command that continues this run (with the same --config, --set and `run_flags` options).
 
     `resume`: the --resume value; a run folder when `auto` would not find it (checkpoints rescued
     outside [output] checkpoints_dir).
     """
-    return train_command(plan.preset, getattr(plan, "config_path", ""), overrides, resume)
+    return train_command(plan.preset, getattr(plan, "config_path", ""), overrides, resume, flags)
 
 
-def train_command(preset: str, config: str | None = "", overrides=(), resume: str | None = None) -> str:
-    """The command that trains `preset` with this --config (left out when it is the default) and --set options."""
+def train_command(preset: str, config: str | None = "", overrides=(), resume: str | None = None, flags=()) -> str:
+    """The command that trains `preset` with this --config (left out when it is the default), --set options
+    and `flags` (see run_flags)."""
     parts = [*_invocation(), preset]
     if config and not config.startswith("<"):
         default = (Path.cwd() / "config" / "training.toml").resolve()
@@ -221,16 +222,25 @@ def train_command(preset: str, config: str | None = "", overrides=(), resume: st
             parts += ["--config", config]
     for item in overrides:
         parts += ["--set", item]
-    return shlex.join([*parts, *(["--resume", resume] if resume else [])])
+    return shlex.join([*parts, *flags, *(["--resume", resume] if resume else [])])
 
 
-def interrupted(plan, state, path: Path | None, signum: int | None, overrides=(), resume: str = "auto") -> Interrupted:
+def run_flags(opts) -> list[str]:
+    """--force, --no-eval, --register / --no-register as given, for a printed command to repeat: without
+    --force the memory check refuses the run it let through. `opts`: the CLI's args or recipe.RunOptions
+    (same names)."""
+    return ((["--force"] if opts.force else []) + ([] if opts.evaluate else ["--no-eval"])
+            + {True: ["--register"], False: ["--no-register"]}.get(opts.register, []))
+
+
+def interrupted(plan, state, path: Path | None, signum: int | None, overrides=(), resume: str = "auto",
+                flags=()) -> Interrupted:
     """The error that ends a run stopped by a signal, after its checkpoint was saved (or failed to be)."""
     step = int(getattr(state, "step", 0))
     saved = f"checkpoint saved to {path}" if path else "no checkpoint saved, see the warning above"
     code = 128 + int(signum) if signum else 130
     return Interrupted([Problem(f"Interrupted at step {step} ({saved}). Resume with: "
-                                f"{resume_command(plan, overrides, resume)}")], exit_code=code)
+                                f"{resume_command(plan, overrides, resume, flags)}")], exit_code=code)
 
 
 # --------------------------------------------------------------------------- out of memory

@@ -97,6 +97,9 @@ def _run(plan: TrainingConfig, opts: RunOptions, log, created: list[Path]) -> Pa
         run_dir = point.run_dir
     if ctx.is_main and (point is None or run_dir != point.path.parent):
         created.append(run_dir)
+    # The other workers' guess has their own clock and lacks rank 0's -2 suffix: their error messages
+    # (faults.translate names the last checkpoint) must look in the folder rank 0 writes.
+    run_dir = Path(ctx.broadcast_object(str(run_dir)))
     first_run_dir = run_dir  # save() moves run_dir when it has to rescue a checkpoint
 
     # 3. Model, tokenizer, tokenized data, adapter (rank 0 first: it fills the model and token caches).
@@ -145,7 +148,7 @@ def _run(plan: TrainingConfig, opts: RunOptions, log, created: list[Path]) -> Pa
         """Checkpoint `st`; None when none could be written (a warning says why).
 
         A checkpoint that cannot be written where it belongs (a file put where the folder was, a full
-        or read-only disk) is tried beside it (checkpoint.rescue_dir), and training goes on either way:
+        or read-only disk) is tried in its namesake (checkpoint.rescue_for), and training goes on either way:
         ending the run over a checkpoint would lose all of it, the model included.
         """
         nonlocal run_dir
@@ -158,7 +161,7 @@ def _run(plan: TrainingConfig, opts: RunOptions, log, created: list[Path]) -> Pa
         except TrainingError as exc:
             failed = "warning: " + exc.render().replace("\n", "\n  ")
         lost = f"checkpoint-{st.step} is not saved" + ("" if stopping else "; training goes on")
-        rescue = checkpoint.rescue_dir(first_run_dir)
+        rescue = checkpoint.rescue_for(plan.output.checkpoints_dir, first_run_dir)
         if rescue == run_dir:  # the rescue folder is what just failed
             log(f"{failed}\n  {lost}")
             return None
@@ -194,7 +197,7 @@ def _run(plan: TrainingConfig, opts: RunOptions, log, created: list[Path]) -> Pa
                 path = save(state, stopping=True)
                 trackers.close(failed=True)
                 raise faults.interrupted(plan, state, path, guard.signal, overrides=opts.overrides,
-                                         resume=_resume_spec(run_dir, first_run_dir))
+                                         resume=_resume_spec(run_dir, first_run_dir), flags=faults.run_flags(opts))
         after_training.arm()
 
         # 6. Save: stage everything, write metadata.json last, rename into place (never overwrite). The
@@ -239,6 +242,7 @@ def _run(plan: TrainingConfig, opts: RunOptions, log, created: list[Path]) -> Pa
                 path = save(state, stopping=True)
             trackers.close(failed=True)
             raise faults.interrupted(plan, state, path, stop.signum, overrides=opts.overrides,
+                                     flags=faults.run_flags(opts),
                                      resume=_resume_spec(run_dir, first_run_dir)) from None
         except BaseException:
             trackers.close(failed=True)  # the run shows as failed in W&B / MLflow, not as still running

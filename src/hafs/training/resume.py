@@ -17,7 +17,9 @@ from .checkpoint import (
     checkpoint_step,
     latest_checkpoint,
     list_checkpoints,
+    newest_checkpoint,
     rescue_dir,
+    run_folders,
     set_rng_state,
     verify,
 )
@@ -104,7 +106,11 @@ def find_resume(plan, spec: str, *, force: bool = False, log=print,
     else:
         path = _explicit_checkpoint(Path(spec).expanduser(), log)
     point = load_point(path)
-    newest = latest_checkpoint(point.run_dir, log=lambda m: None)
+    # The run's rescued namesake counts too: continuing in one folder behind the other's newer steps would
+    # let `auto` later pick those abandoned steps over this run's.
+    newest = newest_checkpoint(dict.fromkeys([point.run_dir, *run_folders(plan.output.checkpoints_dir,
+                                                                          point.run_dir.name)]), log=lambda m: None)
+    behind = checkpoint_step(path) is None or (newest is not None and checkpoint_step(newest) > checkpoint_step(path))
     model = finished_runs(plan.output.models_dir).get(point.run_dir.name)
     refused, noted = compare(point, plan, dataset_fingerprint)
     if refused and not force:
@@ -116,16 +122,16 @@ def find_resume(plan, spec: str, *, force: bool = False, log=print,
     if plan.max_steps:  # the total is known before the model loads: fail before loading it
         check_total_steps(point, plan.max_steps, plan)
     # A new run folder is created only once the checkpoint is accepted: a refusal leaves no empty one.
-    if model is not None or newest != path:
+    if model is not None or behind:
         point.run_dir = new_run_dir(plan) if claim else Path(plan.output.checkpoints_dir) / run_id(plan)
     if model is not None:
         # Continuing a finished run is a new run: its own folder, so `auto` can later find it unfinished.
         log(f"note: {path.parent.name} already finished (model {model}); the resumed run writes to "
             f"{point.run_dir} and saves a new model")
-    elif newest != path:
+    elif behind:
         # Going back to an older step: continue in a new run folder so the later checkpoints survive.
-        log(f"note: {path.name} is not the newest checkpoint of {path.parent.name}; "
-            f"the resumed run writes to {point.run_dir}")
+        log(f"note: {path.name} is not the newest checkpoint of {path.parent.name}"
+            + (f" ({newest} is)" if newest is not None else "") + f"; the resumed run writes to {point.run_dir}")
     if refused:
         log("warning: resuming despite changed settings (--force): " + "; ".join(refused))
     if noted:
@@ -180,20 +186,20 @@ class _Finished:
 def _auto_checkpoint(plan, log) -> Path | _Finished | None:
     root = Path(plan.output.checkpoints_dir)
     # A run that could not write under checkpoints_dir saved its checkpoints beside it (recipe.run's
-    # save); its folder there holds the newer ones, so it sorts before its namesake.
+    # save): a run's checkpoints are those of both namesakes together.
     rescued = rescue_dir(root / "run").parent
     pattern = re.compile(re.escape(safe_component(plan.preset)) + _RUN_TIME)
-    runs = sorted((p for d in (root, rescued) if d.is_dir() for p in d.iterdir()
-                   if p.is_dir() and pattern.match(p.name)),
-                  key=lambda p: (_run_sort_key(p.name), p.parent == rescued), reverse=True)
-    finished = finished_runs(plan.output.models_dir) if runs else {}
-    for run in runs:
-        model = finished.get(run.name)
+    names = sorted({p.name for d in (root, rescued) if d.is_dir() for p in d.iterdir()
+                    if p.is_dir() and pattern.match(p.name)}, key=_run_sort_key, reverse=True)
+    finished = finished_runs(plan.output.models_dir) if names else {}
+    for name in names:
+        folders = run_folders(root, name)
+        model = finished.get(name)
         if model is not None:
             # An older unfinished run was abandoned before this one finished: continuing it now
             # would surprise more than starting afresh.
-            return _Finished(run, model)
-        path = latest_checkpoint(run, log=lambda m: log(f"warning: {m}"))
+            return _Finished(next((f for f in folders if f.is_dir()), folders[0]), model)
+        path = newest_checkpoint(folders, log=lambda m: log(f"warning: {m}"))
         if path is not None and saved_preset(path) == plan.preset:
             return path
     return None
@@ -273,12 +279,33 @@ def load_point(path: Path) -> ResumePoint:
 
 def compare(point: ResumePoint, plan, dataset_fingerprint: str = "") -> tuple[list[str], list[str]]:
     """(refused, noted) differences between the checkpoint's plan and `plan`, as 'key: saved → now'."""
-    saved, now = point.saved_plan, plan.to_dict()
+    now = plan.to_dict()
+    saved = _upgraded(point.saved_plan, now)
     refused = [_diff(k, _get(saved, k), _get(now, k)) for k in RESUME_KEYS if _differs(_get(saved, k), _get(now, k))]
     if point.dataset_fingerprint and dataset_fingerprint and point.dataset_fingerprint != dataset_fingerprint:
         refused.append(_diff("train split sha256", point.dataset_fingerprint[:12], dataset_fingerprint[:12]))
     noted = [_diff(k, _get(saved, k), _get(now, k)) for k in NOTED_KEYS if _differs(_get(saved, k), _get(now, k))]
     return refused, noted
+
+
+def _upgraded(saved: dict, now: dict) -> dict:
+    """The checkpoint's plan with values older hafs versions saved in another form, spelled as `now` spells them.
+
+    A relative `expert.base_model` ('./models/base') is made absolute by plan.resolve_base_model_path since
+    hafs took it from the config file's folder; before, it was left relative and loaded from the working
+    directory, which the checkpoint does not record. Either reading that names the plan's folder is the same
+    model: comparing the raw strings would refuse every such checkpoint as "configuration changed".
+    """
+    from .plan import resolve_base_model_path
+
+    value, current = _get(saved, "expert.base_model"), _get(now, "expert.base_model")
+    if not isinstance(value, str) or not isinstance(current, str) or value == current or Path(value).is_absolute():
+        return saved
+    config = saved.get("config_path") or ""
+    bases = [Path(config).parent] if config and not config.startswith("<") else []
+    if any(resolve_base_model_path(value, base) == current for base in [*bases, Path.cwd()]):
+        return {**saved, "expert": {**saved["expert"], "base_model": current}}
+    return saved
 
 
 _MISSING = object()

@@ -14,7 +14,9 @@ loss of the trial's last evaluation (the plan's eval_strategy, switched to "step
 "no"); every evaluation is reported to Optuna and the MedianPruner stops trials that are worse than
 the median of earlier ones at the same step. The study lives in SQLite under `logs_dir/tuning/`, so
 running the command again continues it: `--trials` is the total of finished (complete or pruned)
-trials wanted; a trial interrupted mid-run is left as failed and not counted. A study is tied to the
+trials wanted. A Ctrl-C / SIGTERM ends the whole search (exit 130 / 143): the trial it stopped is
+recorded as failed, which the sampler, the pruner and the best trial ignore and `--trials` does not
+count, so running the same command again continues the search with a new trial in its place. A study is tied to the
 settings the space leaves fixed (the resolved plan after `--set`): its name ends in a short hash of
 them, so other `--set` values or an edited preset start a separate study instead of ranking trials
 that trained differently against each other. The results are printed as a table and the best trial
@@ -31,6 +33,7 @@ import json
 import logging
 import re
 import shutil
+import signal
 import tempfile
 from dataclasses import fields
 from pathlib import Path
@@ -150,6 +153,7 @@ def tune(cfg, preset: str, *, trials: int, space: str | None = None, keep_models
          overrides: list[str] | None = None, log=print, quiet_trials: bool = True):
     """Run trials until the study has `trials` finished ones; returns the optuna Study."""
     optuna = _optuna()
+    from . import faults
     from .overrides import parse_override
     from .plan import resolve
     from .recipe import RunOptions, run
@@ -215,12 +219,21 @@ def tune(cfg, preset: str, *, trials: int, space: str | None = None, keep_models
         try:
             trial_plan = resolve(cfg, preset, trial_overrides)
             out = run(trial_plan, RunOptions(evaluate=False, register=None if keep_models else False,
-                                             on_eval=on_eval), log=_quiet if quiet_trials else log)
+                                             on_eval=on_eval), log=_signals_only(log) if quiet_trials else log)
             if not evals:
                 raise _no_val_loss(trial_plan)
         except optuna.TrialPruned:
             log(f"trial {trial.number}: pruned at val loss {evals[-1]:.4f}")
             raise
+        except (faults.Interrupted, KeyboardInterrupt) as exc:
+            # A stop by the user ends the search, not this trial alone: Interrupted is a TrainingError, which
+            # catch= below would take for a failed trial and go on. Its message (a checkpoint in the scratch
+            # folder, `hafs train --resume`) is not true of a trial, so the trial records only the signal.
+            signum = (exc.exit_code - 128 if isinstance(exc, faults.Interrupted)
+                      else getattr(exc, "signum", signal.SIGINT))
+            trial.set_user_attr("interrupted", signal.Signals(signum).name)
+            reported.numbers.add(trial.number)
+            raise _Stop(signum, trial.number) from None
         except HafsError as exc:
             trial.set_user_attr("error", exc.render())
             reported.numbers.add(trial.number)
@@ -238,11 +251,34 @@ def tune(cfg, preset: str, *, trials: int, space: str | None = None, keep_models
         optuna_log = logging.getLogger("optuna.study._optimize")
         optuna_log.addFilter(reported)
         try:
-            # An out-of-memory or NaN trial fails and the search goes on; config errors stop it.
+            # An out-of-memory or NaN trial fails and the search goes on; config errors and signals stop it.
             study.optimize(objective, n_trials=todo, catch=(TrainingError,))
+        except KeyboardInterrupt as exc:  # _Stop from a trial, or a signal between trials
+            raise _interrupted(study, path, getattr(exc, "signum", signal.SIGINT), getattr(exc, "trial", None)) \
+                from None
         finally:
             optuna_log.removeFilter(reported)
     return study
+
+
+class _Stop(KeyboardInterrupt):
+    """A signal stopped trial `trial`: carried out of Optuna (which records the trial as failed) to tune."""
+
+    def __init__(self, signum: int, trial: int):
+        super().__init__(signum)
+        self.signum, self.trial = signum, trial
+
+
+def _interrupted(study, path: Path, signum: int, trial: int | None):
+    """The error that ends a search stopped by a signal: what the study keeps and how to go on."""
+    from .faults import Interrupted
+
+    name = signal.Signals(signum).name
+    during = (f" during trial {trial}, which is discarded (recorded as failed: the search ignores it and --trials "
+              "does not count it)") if trial is not None else ""
+    return Interrupted([Problem(
+        f"Interrupted ({name}){during}; the study keeps its {finished(study)} finished trial(s) in {path}",
+        hint="run the same hafs tune command again to continue the search")], exit_code=128 + int(signum))
 
 
 def _no_val_loss(plan) -> ConfigError:
@@ -278,8 +314,16 @@ def finished(study) -> int:
     return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials)
 
 
-def _quiet(*args, **kwargs) -> None:
-    """The recipe's log during trials (the table at the end says what matters)."""
+def _signals_only(log):
+    """The recipe's log during trials: only its answer to a Ctrl-C (the table at the end says the rest)."""
+
+    def trial_log(message="", *args, **kwargs) -> None:
+        # faults.SignalGuard / StopOnSignal saying a stop is on its way (its checkpoint is a trial's: not kept)
+        signal_name = re.match(r"\s*Received (SIG\w+):", str(message))
+        if signal_name:
+            log(f"Received {signal_name.group(1)}: stopping the search (send it again to stop sooner).")
+
+    return trial_log
 
 
 def _optuna():
@@ -305,8 +349,9 @@ def results_table(study) -> str:
     for t in study.trials:
         value = f"{t.value:.4f}" if t.value is not None else (
             f"({t.intermediate_values[max(t.intermediate_values)]:.4f})" if t.intermediate_values else "-")
-        rows.append(["*" if best is not None and t.number == best.number else "", str(t.number),
-                     t.state.name.lower(), value, *(_show(t.params.get(k, "-")) for k in keys)])
+        state = "interrupted" if t.user_attrs.get("interrupted") else t.state.name.lower()
+        rows.append(["*" if best is not None and t.number == best.number else "", str(t.number), state, value,
+                     *(_show(t.params.get(k, "-")) for k in keys)])
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
     done = sum(t.state == TrialState.COMPLETE for t in study.trials)
