@@ -139,9 +139,15 @@ def rescue_dir(run_dir: Path) -> Path:
     which `--resume auto` does not search.
     """
     run_dir = Path(os.path.abspath(run_dir))
-    root = run_dir.parent
-    return root.with_name(root.name + RESCUE_SUFFIX) / run_dir.name if root.name else run_dir.with_name(
-        run_dir.name + RESCUE_SUFFIX)
+    if not run_dir.parent.name:  # a run folder at the file system's root has no folder to sit beside
+        return run_dir.with_name(run_dir.name + RESCUE_SUFFIX)
+    return rescue_root(run_dir.parent) / run_dir.name
+
+
+def rescue_root(checkpoints_dir) -> Path:
+    """The folder beside `checkpoints_dir` that holds its runs' rescued checkpoints (see rescue_dir)."""
+    root = Path(os.path.abspath(checkpoints_dir))
+    return root.with_name(root.name + RESCUE_SUFFIX) if root.name else root
 
 
 def run_folders(checkpoints_dir, name: str) -> tuple[Path, Path]:

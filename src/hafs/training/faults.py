@@ -206,8 +206,8 @@ def _invocation(argv0: str | None = None) -> list[str]:
 def resume_command(plan, overrides=(), resume: str = "auto", flags=()) -> str:
     """The command that continues this run (with the same --config, --set and `run_flags` options).
 
-    `resume`: the --resume value; a run folder when `auto` would not find it (checkpoints rescued
-    outside [output] checkpoints_dir).
+    `resume`: the --resume value; the run folder when its checkpoints were rescued beside [output]
+    checkpoints_dir (`auto` finds them too, but the folder says where they went).
     """
     return train_command(plan.preset, getattr(plan, "config_path", ""), overrides, resume, flags)
 

@@ -173,7 +173,7 @@ def _local_base_model(plan) -> Path | None:
     name = plan.expert.base_model
     if name.startswith("hafs-demo/"):
         return None
-    path = resolve_path(name, Path(plan.config_path).parent)
+    path = resolve_path(name, plan.config_dir())
     return path.resolve() if path.is_dir() else None
 
 

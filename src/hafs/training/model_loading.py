@@ -58,7 +58,8 @@ def load_model_and_tokenizer(plan, device: str, precision: str, settings: RunSet
         if "trust_remote_code" in str(exc):
             raise ConfigError([Problem(f"'{plan.expert.base_model}' needs code from its repository",
                                        key=f"experts.{plan.expert_name}.trust_remote_code",
-                                       **_located(plan, ["experts", plan.expert_name, "trust_remote_code"]),
+                                       file=plan.config_file(),
+                                       line=plan.line_of(["experts", plan.expert_name, "trust_remote_code"]),
                                        hint="set trust_remote_code = true only if you trust "
                                             "that repository")]) from None
         # transformers says "Couldn't instantiate the backend tokenizer" (and the like) for a folder that
@@ -114,20 +115,8 @@ def _load_error(plan, exc: Exception) -> ConfigError:
         f"cannot load '{plan.expert.base_model}': {_first_line(exc)}", key=key,
         hint="a local model directory with config.json, tokenizer files and *.safetensors weights, "
              "or a hub id (needs network on first use)")
-    return ConfigError([dataclasses.replace(problem, **_located(plan, ["experts", plan.expert_name, "base_model"]))])
-
-
-def _located(plan, keypath: list[str]) -> dict:
-    """file= and line= of `keypath` in the plan's config file, as far as they can be had."""
-    from .keypaths import key_lines, nearest_line
-
-    path = plan.config_file()
-    if not path:
-        return {}
-    try:
-        return {"file": path, "line": nearest_line(key_lines(Path(path).read_text(encoding="utf-8-sig")), keypath)}
-    except Exception:  # noqa: BLE001 - the file changed or went away since: the key alone still says where
-        return {"file": path}
+    return ConfigError([dataclasses.replace(problem, file=plan.config_file(),
+                                            line=plan.line_of(["experts", plan.expert_name, "base_model"]))])
 
 
 def _first_line(exc: Exception) -> str:

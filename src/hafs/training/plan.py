@@ -164,6 +164,21 @@ class TrainingConfig:
             raise ConfigError(problems, title=f"Preset '{self.preset}' cannot run as configured:")
         return self
 
+    def line_of(self, keypath) -> int | None:
+        """Line of `keypath` in the config file (its nearest enclosing table's when absent); None without one.
+
+        Read again when asked: errors found after resolve() (loading the model, a resume) are rare, and
+        the plan holds no TrainingFile to ask."""
+        from .keypaths import key_lines, nearest_line
+
+        path = self.config_file()
+        if not path:
+            return None
+        try:
+            return nearest_line(key_lines(Path(path).read_text(encoding="utf-8-sig")), keypath)
+        except Exception:  # noqa: BLE001 - the file changed or went away since: the key alone still says where
+            return None
+
     def config_dir(self) -> Path:
         """Folder that relative paths of the plan are relative to: the config file's, else the working directory."""
         return Path(self.config_file()).parent if self.config_file() else Path.cwd()

@@ -18,13 +18,13 @@ from .checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     newest_checkpoint,
-    rescue_dir,
+    rescue_root,
     run_folders,
     set_rng_state,
     verify,
 )
 from .errors import Problem, ResumeError
-from .keypaths import dotted, key_lines, nearest_line
+from .keypaths import dotted
 from .outputs import new_run_dir, run_id, safe_component
 
 # A run folder's name after its preset (outputs.new_run_dir): start time, and -2, -3... when two runs of the
@@ -154,7 +154,7 @@ def check_total_steps(point: ResumePoint, total_steps: int, plan) -> None:
     name = "max_steps" if plan.max_steps else "num_epochs"
     now = f"max_steps = {plan.max_steps}" if plan.max_steps else f"num_epochs = {plan.num_epochs:g}"
     keypath = ["hyperparameters", getattr(plan, "hyperparameters_name", "") or "default", name]
-    file, line = _located(plan, keypath)
+    file, line = plan.config_file(), plan.line_of(keypath)
     raise ResumeError([Problem(
         f"the checkpoint was saved after {point.step} optimizer steps, but this run ({now}) takes "
         f"{total_steps} in all" + (f" (the checkpoint's run took {saved_total})" if saved_total else ""),
@@ -162,17 +162,6 @@ def check_total_steps(point: ResumePoint, total_steps: int, plan) -> None:
         hint=f"resume with {name} giving more than {point.step} steps (--set {name}=...), or start a new run "
              "without --resume")],
         title=f"Cannot resume from {point.path}: it is at or past the end of this run:")
-
-
-def _located(plan, keypath) -> tuple[str, int | None]:
-    """The plan's config file and the line of `keypath` in it (its table's line when the key is absent)."""
-    path = getattr(plan, "config_path", "") or ""
-    if not path or path.startswith("<"):
-        return "", None
-    try:
-        return path, nearest_line(key_lines(Path(path).read_text()), keypath)
-    except Exception:  # noqa: BLE001 - the line is a nicety; the error must still come out
-        return path, None
 
 
 @dataclass
@@ -187,7 +176,7 @@ def _auto_checkpoint(plan, log) -> Path | _Finished | None:
     root = Path(plan.output.checkpoints_dir)
     # A run that could not write under checkpoints_dir saved its checkpoints beside it (recipe.run's
     # save): a run's checkpoints are those of both namesakes together.
-    rescued = rescue_dir(root / "run").parent
+    rescued = rescue_root(root)
     pattern = re.compile(re.escape(safe_component(plan.preset)) + _RUN_TIME)
     names = sorted({p.name for d in (root, rescued) if d.is_dir() for p in d.iterdir()
                     if p.is_dir() and pattern.match(p.name)}, key=_run_sort_key, reverse=True)
