@@ -302,13 +302,22 @@ def is_demo_model(base_model: str) -> bool:
     return base_model.startswith(DEMO_PREFIX)
 
 
+def unknown_demo_model(base_model: str) -> tuple[str, str] | None:
+    """(what is wrong, which demo models there are) for a `hafs-demo/NAME` that names none; None otherwise.
+
+    Config validation and resolve_demo_model both ask it, so the file is refused as the run would be."""
+    name = base_model.removeprefix(DEMO_PREFIX)
+    if not is_demo_model(base_model) or name in DEMO_MODELS:
+        return None
+    return (f"unknown demo model '{base_model}'{did_you_mean(name, DEMO_MODELS)}",
+            "demo models: " + ", ".join(DEMO_PREFIX + n for n in DEMO_MODELS))
+
+
 def resolve_demo_model(base_model: str, cache_dir: Path | None = None) -> Path | None:
     """The built directory for a `hafs-demo/NAME` base model (building it if needed); None otherwise."""
     if not is_demo_model(base_model):
         return None
-    name = base_model[len(DEMO_PREFIX):]
-    if name not in DEMO_MODELS:
-        known = ", ".join(DEMO_PREFIX + n for n in DEMO_MODELS)
-        raise ConfigError([Problem(f"unknown demo model '{base_model}'{did_you_mean(name, DEMO_MODELS)}",
-                                   key="base_model", hint=f"demo models: {known}")])
-    return build_demo_model(cache_dir, name)
+    unknown = unknown_demo_model(base_model)
+    if unknown:
+        raise ConfigError([Problem(unknown[0], key="base_model", hint=unknown[1])])
+    return build_demo_model(cache_dir, base_model[len(DEMO_PREFIX):])

@@ -140,33 +140,19 @@ class ExpertSection:
             out.append(("base_model", "must name a hub model id or a local directory"))
         out += _demo_model_problems(self.base_model)
         if self.prompt_template:
-            template = template_problems("prompt_template", self.prompt_template, TEMPLATE_FIELDS, output_last=True)
             # Without {instruction} every sample's instruction is silently dropped from what the model sees.
-            if not template and "instruction" not in _placeholders(self.prompt_template):
-                template.append(("prompt_template", "has no {instruction} placeholder: every sample's instruction "
-                                                    "would be left out of the prompt"))
-            out += template
+            out += template_problems("prompt_template", self.prompt_template, TEMPLATE_FIELDS, output_last=True,
+                                     required={"instruction": "every sample's instruction would be left out of "
+                                                              "the prompt"})
         return out
-
-
-def _placeholders(template: str) -> set[str]:
-    """Field names of a str.format template that template_problems accepted."""
-    import string
-
-    return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
 
 
 def _demo_model_problems(base_model: str) -> Checks:
     """An unknown `hafs-demo/NAME`: refused here, not minutes later when the run builds it."""
-    from .demo import DEMO_MODELS, DEMO_PREFIX, is_demo_model
-    from .errors import did_you_mean
+    from .demo import unknown_demo_model
 
-    name = base_model.removeprefix(DEMO_PREFIX)
-    if not is_demo_model(base_model) or name in DEMO_MODELS:
-        return []
-    known = ", ".join(DEMO_PREFIX + n for n in DEMO_MODELS)
-    return [("base_model", f"unknown demo model '{base_model}'{did_you_mean(name, DEMO_MODELS)}; "
-                           f"demo models: {known}")]
+    unknown = unknown_demo_model(base_model)
+    return [("base_model", "; ".join(unknown))] if unknown else []
 
 
 @dataclass

@@ -16,11 +16,13 @@ DEFAULT_PROMPT_TEMPLATE = (
 INPUT_CONTEXT = ", paired with an input that provides further context"
 
 
-def template_problems(key: str, template: str, allowed, *, output_last: bool = False) -> list[tuple[str, str]]:
+def template_problems(key: str, template: str, allowed, *, output_last: bool = False,
+                      required: dict[str, str] | None = None) -> list[tuple[str, str]]:
     """Problems of a str.format template: malformed braces, unknown placeholders, format specs.
 
     With `output_last`, `{output}` must appear exactly once and end the template: everything after
-    it would be trained as part of the response.
+    it would be trained as part of the response. `required`: {placeholder: what is lost without it},
+    checked once the template is otherwise sound.
     """
     try:
         parts = list(string.Formatter().parse(template))
@@ -46,6 +48,10 @@ def template_problems(key: str, template: str, allowed, *, output_last: bool = F
             trailing = "".join(part[0] for part in parts[last + 1:])
             if parts[last][1] != "output" or trailing.strip():
                 out.append((key, "{output} must come last: everything after it would be learned as response"))
+    if not out:
+        present = {name for name, _, _ in names}
+        out += [(key, f"has no {{{name}}} placeholder: {lost}") for name, lost in (required or {}).items()
+                if name not in present]
     return out
 
 
